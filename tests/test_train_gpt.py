@@ -1,0 +1,316 @@
+"""Tests of train_gpt.py on CPU: tiny models, data the tests build themselves."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_gpt as tg  # noqa: E402
+from data.sample import build_sample  # noqa: E402
+from data.shards import train_sentencepiece, write_shard  # noqa: E402
+
+
+def tiny_args(**over):
+    args = tg.Hyperparameters()
+    for k, v in dict(num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, vocab_size=64,
+                     bigram_vocab_size=31, bigram_dim=8, ve_enabled=True, ve_dim=8, ve_layers="-2,-1",
+                     xsa_last_n=4, smear_enabled=True, unet_skips=True, train_seq_len=16, mlp_mult=2.0).items():
+        setattr(args, k, v)
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def randomized_model(args, seed=0):
+    """All features on, every weight random: zero-initialized projections would hide leaks."""
+    torch.manual_seed(seed)
+    model = tg.GPT(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    return build_sample(tmp_path_factory.mktemp("sample"), vocab_size=512, train_tokens=60_000, val_docs=8)
+
+
+def run_script(cwd, env_over, nproc=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
+    env.update({k: str(v) for k, v in env_over.items()}, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_env(sample, **over):
+    data, tok = sample
+    return {**dict(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2,
+                   NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=3,
+                   WARMUP_STEPS=0, VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8,
+                   VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096), **over}
+
+
+def final_value(stdout, key):
+    m = re.search(rf"^{key} val_loss:(\S+) val_bpb:(\S+)", stdout, re.M)
+    assert m, f"no line {key!r} in output:\n{stdout[-3000:]}"
+    return float(m.group(1)), float(m.group(2))
+
+
+# ----------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("xsa_last_n", [0, 4])
+def test_model_is_causal(xsa_last_n):
+    args = tiny_args(xsa_last_n=xsa_last_n)
+    model = randomized_model(args)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab_size, (2, 24), generator=g)
+    ids[:, [0, 9]] = tg.BOS_ID
+    base = model.logits(ids)
+    for t in (0, 5, 9, 17):
+        perturbed = ids.clone()
+        perturbed[:, t + 1:] = torch.randint(0, args.vocab_size, perturbed[:, t + 1:].shape, generator=g)
+        out = model.logits(perturbed)
+        assert torch.allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5), f"position <= {t} saw a later token"
+        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:]), "perturbation had no effect at all"
+
+
+def test_smeargate_never_crosses_bos():
+    torch.manual_seed(0)
+    smear = tg.SmearGate(8)
+    smear.gate.data.normal_()
+    x = torch.randn(1, 6, 8)
+    ids = torch.tensor([[tg.BOS_ID, 5, 6, tg.BOS_ID, 7, 8]])
+    out = smear(x, ids)
+    assert torch.equal(out[:, [0, 3]], x[:, [0, 3]]), "a BOS position was blended with the previous document"
+    x2 = x.clone()
+    x2[:, 2] += 1.0  # last token of document 1
+    out2 = smear(x2, ids)
+    assert torch.equal(out2[:, 3:], out[:, 3:])
+    assert not torch.equal(out2[:, 2], out[:, 2])
+
+
+def test_bigram_bucket_resets_at_document_start():
+    bh = tg.BigramHash(101, 4, 8)
+    ids = torch.tensor([[tg.BOS_ID, 7, 9, tg.BOS_ID, 7, 9], [3, 7, 9, tg.BOS_ID, 7, 9]])
+    b = bh.bucket(ids)
+    assert (b[:, 0] == 100).all() and (b[:, 3] == 100).all()
+    assert torch.equal(b[0, 4:], b[1, 4:]) and (b < 101).all() and (b[:, 1:3] < 100).all()
+
+
+def test_ntk_rope_longer_than_training_is_finite():
+    args = tiny_args(train_seq_len=8)
+    model = randomized_model(args)
+    out = model.logits(torch.randint(0, args.vocab_size, (1, 32)))
+    assert torch.isfinite(out).all()
+
+
+def test_newton_schulz_is_close_to_orthogonal():
+    torch.manual_seed(0)
+    for shape in [(64, 128), (128, 64), (96, 96)]:
+        G = torch.randn(shape)
+        X = tg.zeropower_via_newtonschulz5(G, 5, (3.4445, -4.7750, 2.0315))
+        s = torch.linalg.svdvals(X)
+        # Five quintic steps bring every singular value but the tiniest into ~[0.68, 1.2].
+        assert s.max() < 1.3 and ((s > 0.6) & (s < 1.25)).float().mean() >= 0.95, s
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        cos = (X * (U @ Vh)).sum() / (X.norm() * (U @ Vh).norm())
+        assert cos > 0.95
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    args = tiny_args(tie_embeddings=False)
+    model = tg.GPT(args)
+    optimizers, muon = tg.build_optimizers(model, args, fused=False)
+    seen = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@pytest.mark.parametrize("total,L,stride", [(100, 16, 4), (100, 16, 16), (97, 16, 5), (10, 16, 4), (16, 16, 3), (1000, 64, 64)])
+def test_window_plan_scores_every_target_once(total, L, stride):
+    starts, score_from = tg.window_plan(total, L, stride)
+    L = min(L, total)
+    counts = np.zeros(total, dtype=int)
+    for i, (s, f) in enumerate(zip(starts, score_from)):
+        assert s <= f <= s + L and s + L <= total
+        counts[f:s + L] += 1
+        if i > 0:
+            assert f - s >= L - stride, "a scored token got less context than the stride promises"
+    assert (counts == 1).all()
+
+
+def test_sliding_eval_equals_plain_at_stride_seq_len_and_counts_bytes():
+    args = tiny_args(val_batch_size=64)
+    model = randomized_model(args)
+    torch.manual_seed(3)
+    tokens = torch.randint(2, args.vocab_size, (16 * 5 + 1 + 7,))  # 5 full windows and a 7-target tail
+    luts = (torch.full((args.vocab_size,), 2, dtype=torch.int16), torch.zeros(args.vocab_size, dtype=torch.bool),
+            torch.zeros(args.vocab_size, dtype=torch.bool))
+    cpu = torch.device("cpu")
+    loss, bpb = tg.eval_val(args, model, tokens, luts, 0, 1, cpu, 16, 16)
+    total = tokens.numel() - 1
+    with torch.no_grad():  # by hand: disjoint windows, then the tail scored from the last full window
+        x = tokens[:80].view(5, 16)
+        nats = model(x, tokens[1:81].view(5, 16)).sum()
+        tail = model(tokens[total - 16:total].view(1, 16), tokens[total - 15:].view(1, 16))[0, -7:].sum()
+    assert math.isclose(loss, float(nats + tail) / total, rel_tol=1e-5)
+    assert math.isclose(bpb, loss / (2 * math.log(2)), rel_tol=1e-9)  # 2 bytes per token
+    sl_loss, _ = tg.eval_val(args, model, tokens, luts, 0, 1, cpu, 16, 4)
+    assert math.isfinite(sl_loss) and sl_loss != loss
+
+
+def test_bpb_byte_counts_match_utf8_of_decoded_text(tmp_path):
+    import sentencepiece as spm
+    rng = np.random.default_rng(0)
+    words = ["the", "naïve", "café", "2024", "Zürich", "日本語", "résumé", "a", "of", "München", "x=3.14", "—", "emoji🙂"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 30))) for _ in range(400)]
+    model = train_sentencepiece(texts, tmp_path / "tok", 350)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    base, space, boundary = tg.build_sentencepiece_luts(sp, 350, torch.device("cpu"))
+    stream = []
+    for t in texts[:50]:
+        stream += [tg.BOS_ID] + sp.encode(t)
+    ids = torch.tensor(stream)
+    prev, tgt = ids[:-1], ids[1:]
+    counted = int((base[tgt].long() + (space[tgt] & ~boundary[prev]).long()).sum())
+    expected = sum(len(sp.decode(sp.encode(t)).encode("utf-8")) for t in texts[:50])
+    assert counted == expected
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_shard_loader_rejects_bad_files(tmp_path):
+    good = tmp_path / "good.bin"
+    write_shard(good, np.arange(100) % 50)
+    assert tg.load_data_shard(good, 50).tolist() == (np.arange(100) % 50).tolist()
+    raw = good.read_bytes()
+    cases = {"magic": b"\0\0\0\0" + raw[4:], "version": raw[:4] + b"\x07\0\0\0" + raw[8:], "truncated": raw[:-10]}
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.bin"
+        bad.write_bytes(data)
+        with pytest.raises(tg.DataError, match=re.escape(str(bad))):
+            tg.load_data_shard(bad, 50)
+    with pytest.raises(tg.DataError, match="VOCAB_SIZE=40"):
+        tg.load_data_shard(good, 40)
+
+
+# ----------------------------------------------------------------------------- export
+
+def test_quantization_error_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 300) * torch.rand(64, 1)
+    for bits in (5, 6, 8):
+        q, scale = tg.quantize_per_row(w, bits)
+        assert q.abs().max() <= 2 ** (bits - 1) - 1
+        err = (q.float() * scale.float()[:, None] - w).abs()
+        assert (err <= scale.float()[:, None] / 2 + 1e-6).all()
+
+
+def test_artifact_round_trip_is_bit_exact_and_corruption_is_refused(tmp_path):
+    args = tiny_args(matrix_bits=6, embed_bits=8)
+    model = randomized_model(args)
+    qstate = tg.quantize_state_dict(model.state_dict(), args)
+    data = tg.compress_artifact(tg.serialize_quantized(qstate), 3)
+    back = tg.deserialize_quantized(tg.decompress_artifact(data))
+    for name, e in qstate.items():
+        for key, t in e.items():
+            if key != "bits":
+                assert torch.equal(back[name][key], t), name
+    path = tmp_path / "m.ptz"
+    path.write_bytes(data)
+    fresh = tg.GPT(args)
+    tg.load_artifact(path, fresh)
+    deq = tg.dequantize_state_dict(qstate)
+    assert all(torch.equal(fresh.state_dict()[k], deq[k]) for k in deq)
+    corrupt = {"truncated": data[: len(data) // 2], "magic": b"XXXX" + data[4:],
+               "flipped": data[:40] + bytes(b ^ 0xFF for b in data[40:60]) + data[60:], "empty": b""}
+    for name, bad in corrupt.items():
+        path.write_bytes(bad)
+        with pytest.raises(tg.DataError):
+            tg.load_artifact(path, fresh)
+    # A structurally valid artifact of another configuration is refused too.
+    other = tg.GPT(tiny_args(num_layers=2))
+    path.write_bytes(tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(other.state_dict(), args)), 3))
+    with pytest.raises(tg.DataError, match="configuration"):
+        tg.load_artifact(path, fresh)
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+@pytest.mark.parametrize("over,message", [
+    (dict(NUM_HEADS=3), "NUM_HEADS=3 must divide MODEL_DIM"),
+    (dict(NUM_KV_HEADS=3, NUM_HEADS=4), "NUM_KV_HEADS=3 must divide NUM_HEADS"),
+    (dict(ROPE_DIMS=7), "ROPE_DIMS=7"),
+    (dict(TRAIN_BATCH_TOKENS=1000), "TRAIN_BATCH_TOKENS=1000 must be divisible"),
+    (dict(VOCAB_SIZE=1024), "VOCAB_SIZE=1024 but"),
+    (dict(ITERATIONS="ten"), "ITERATIONS='ten' is not a valid int"),
+    (dict(DATA_PATH="/nonexistent"), "cached_challenge_fineweb.py"),
+])
+def test_bad_configuration_stops_before_compute(sample, tmp_path, over, message):
+    env = tiny_run_env(sample, **over)
+    out = run_script(tmp_path, env, timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    assert "step:" not in out.stdout
+
+
+def test_misspelt_setting_is_warned(sample, tmp_path):
+    out = run_script(tmp_path, dict(tiny_run_env(sample, NUM_HEADS=3), NUM_LAYER=5), timeout=120)
+    assert "did you mean NUM_LAYERS" in out.stderr
+
+
+def test_nan_loss_stops_the_run(sample, tmp_path):
+    out = run_script(tmp_path, tiny_run_env(sample, ITERATIONS=6, MATRIX_LR="inf"))
+    assert out.returncode == 4 and "non-finite training loss" in out.stdout
+    assert "final_int6" not in out.stdout
+    log = next((tmp_path / "logs").glob("*.txt")).read_text()
+    assert "non-finite training loss" in log
+
+
+def test_over_the_cap_is_refused_without_a_final_score(sample, tmp_path):
+    out = run_script(tmp_path, tiny_run_env(sample, ITERATIONS=1, ARTIFACT_CAP=1000))
+    assert out.returncode == 3 and "over the cap" in out.stdout
+    assert "final_int6" not in out.stdout and (tmp_path / "final_model.int6.ptz").exists()
+
+
+def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path):
+    env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, EVAL_STRIDE=64, SEED=7)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run_script(tmp_path / "one", env)
+    two = run_script(tmp_path / "two", env, nproc=2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in two.stdout
+    for key in ("step:1/2 train_loss", "step:2/2 train_loss"):
+        a = float(re.search(rf"{key}:(\S+)", one.stdout).group(1))
+        b = float(re.search(rf"{key}:(\S+)", two.stdout).group(1))
+        assert abs(a - b) < 2e-4, (key, a, b)
+    a = final_value(one.stdout, "final_int6_zstd_roundtrip_exact")
+    b = final_value(two.stdout, "final_int6_zstd_roundtrip_exact")
+    assert abs(a[0] - b[0]) < 2e-4
+
+
+def test_smoke_run_finishes_with_finite_scores(tmp_path):
+    out = run_script(tmp_path, dict(SMOKE=1), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for key in ("final_int6_zstd_roundtrip_exact", "final_int6_zstd_sliding_window_exact"):
+        loss, bpb = final_value(out.stdout, key)
+        assert math.isfinite(loss) and 0 < bpb < 10
+    total = int(re.search(r"Total submission size int6\+zstd: (\d+) bytes", out.stdout).group(1))
+    assert total == (tmp_path / "final_model.int6.ptz").stat().st_size + (ROOT / "train_gpt.py").stat().st_size
+    log = next((tmp_path / "logs").glob("*.txt")).read_text()
+    assert log.startswith((ROOT / "train_gpt.py").read_text()), "the log must start with the script as run"
