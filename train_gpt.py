@@ -90,6 +90,7 @@ class Hyperparameters:
     warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
     max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
     train_batch_tokens = env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
+    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # micro-batches per step; 0: 8 // WORLD_SIZE, as officially
     train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
     eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
     eval_stride = env("EVAL_STRIDE", S(64, 32))
@@ -203,9 +204,10 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
             err.append(f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
         if args.rope_dims % 2 or not 0 < args.rope_dims <= head_dim:
             err.append(f"ROPE_DIMS={args.rope_dims} must be even and in 2..head dim {head_dim}")
-    if 8 % world_size:
-        err.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation keeps the 8-GPU batch)")
-    elif args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
+    if 8 % world_size and not args.grad_accum_steps:
+        err.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation keeps the 8-GPU batch), "
+                   "or set GRAD_ACCUM_STEPS")
+    elif grad_accum_steps < 1 or args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
         err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by world size x "
                    f"grad accumulation x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
     if not 0 < args.eval_stride <= args.eval_seq_len:
@@ -918,7 +920,7 @@ def main() -> None:
     if rank == 0:
         for w in warnings:
             print(w, file=sys.stderr)
-    grad_accum_steps = 8 // world_size if 8 % world_size == 0 else 1
+    grad_accum_steps = args.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
     validate_config(args, world_size, grad_accum_steps)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
