@@ -219,11 +219,81 @@ def test_quantization_error_is_within_half_a_step():
         assert (err <= scale.float()[:, None] / 2 + 1e-6).all()
 
 
-def test_artifact_round_trip_is_bit_exact_and_corruption_is_refused(tmp_path):
-    args = tiny_args(matrix_bits=6, embed_bits=8)
+def test_clip_search_never_loses_to_plain_max_scaling():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    w[:, 0] *= 8  # outliers make a clipped scale pay
+    plain = tg.fake_quantize(w, 5, (1.0,))
+    searched = tg.fake_quantize(w, 5, (1.0, 0.95, 0.9, 0.8))
+    assert ((searched - w).square().sum(1) <= (plain - w).square().sum(1) + 1e-9).all()
+    assert (searched - w).square().sum() < (plain - w).square().sum()
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    n, d_in, d_out = 4096, 64, 48
+    mix = torch.randn(d_in, d_in) / d_in ** 0.5 + torch.eye(d_in)
+    x = torch.randn(n, 8) @ torch.randn(8, d_in) + 0.1 * torch.randn(n, d_in) @ mix  # low-rank + noise
+    w = torch.randn(d_out, d_in) / d_in ** 0.5
+    H = x.T @ x / n
+    for bits in (4, 6):
+        q_rtn, s_rtn = tg.quantize_per_row(w, bits, (1.0,))
+        q_g, s_g = tg.gptq_quantize(w, H, bits, (1.0,), block=16, damp=0.01, act_order=True)
+        err = lambda q, s: ((x @ (q.float() * s.float()[:, None]).T) - x @ w.T).square().mean()
+        assert err(q_g, s_g) < 0.7 * err(q_rtn, s_rtn), bits
+        assert q_g.abs().max() <= 2 ** (bits - 1) - 1
+
+
+def test_late_qat_changes_the_compiled_forward():
+    args = tiny_args(num_layers=1, xsa_last_n=1, ve_layers="0", bigram_vocab_size=0, model_dim=64, mlp_mult=2.0,
+                     attn_bits=3, mlp_bits=3)
+    tg.SMALL_TENSOR_NUMEL, small = 0, tg.SMALL_TENSOR_NUMEL  # quantize even these tiny matrices
+    try:
+        model = randomized_model(args)
+        layers = tg.prepare_qat(model, args)
+        assert len(layers) == 7  # q, k, v, proj, fc, mlp proj, value-embedding proj
+        compiled = torch.compile(model, dynamic=False, fullgraph=True)
+        ids = torch.randint(0, args.vocab_size, (2, 16))
+        with torch.no_grad():
+            before = compiled(ids, ids).clone()
+            tg.refresh_qat(layers, (1.0,))
+            after = compiled(ids, ids)
+            tg.SMALL_TENSOR_NUMEL = small
+            eager = model(ids, ids)
+    finally:
+        tg.SMALL_TENSOR_NUMEL = small
+    assert not torch.allclose(before, after), "the compiled graph ignored the QAT switch"
+    assert torch.allclose(after, eager, atol=1e-4)
+    # Straight-through: gradients reach the fp32 weights.
+    model(ids, ids).mean().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
+
+
+def test_fit_to_cap_prunes_the_least_that_fits_and_refuses_the_impossible():
+    torch.manual_seed(0)
+    args = tiny_args(prune_frac=0.0, fit_max_prune_frac=0.5, compressor="zstd", zstd_level=3, model_dim=64)
     model = randomized_model(args)
     qstate = tg.quantize_state_dict(model.state_dict(), args)
-    data = tg.compress_artifact(tg.serialize_quantized(qstate), 3)
+    full = len(tg.compress_artifact(tg.serialize_quantized(qstate), "zstd", 3))
+    half = len(tg.compress_artifact(tg.serialize_quantized(tg.prune_quantized(qstate, 0.5)), "zstd", 3))
+    logs = []
+    args.artifact_cap = (full + half) // 2 + 100  # code bytes: 100
+    data, state = tg.build_artifact(qstate, args, 100, logs.append)
+    assert len(data) + 100 <= args.artifact_cap and state is not qstate
+    assert any("fit_to_cap: pruned" in line for line in logs)
+    assert tg.deserialize_quantized(tg.decompress_artifact(data)).keys() == qstate.keys()
+    args.artifact_cap = half // 2
+    with pytest.raises(tg.ArtifactOverCap):
+        tg.build_artifact(qstate, args, 100, logs.append)
+    args.artifact_cap = 10 ** 9  # fits as is: untouched
+    assert tg.build_artifact(qstate, args, 100, logs.append)[1] is qstate
+
+
+def test_artifact_round_trip_is_bit_exact_and_corruption_is_refused(tmp_path):
+    args = tiny_args(attn_bits=6, mlp_bits=5, embed_bits=8)
+    model = randomized_model(args)
+    qstate = tg.quantize_state_dict(model.state_dict(), args)
+    data = tg.compress_artifact(tg.serialize_quantized(qstate), "zstd", 3)
     back = tg.deserialize_quantized(tg.decompress_artifact(data))
     for name, e in qstate.items():
         for key, t in e.items():
@@ -236,14 +306,15 @@ def test_artifact_round_trip_is_bit_exact_and_corruption_is_refused(tmp_path):
     deq = tg.dequantize_state_dict(qstate)
     assert all(torch.equal(fresh.state_dict()[k], deq[k]) for k in deq)
     corrupt = {"truncated": data[: len(data) // 2], "magic": b"XXXX" + data[4:],
-               "flipped": data[:40] + bytes(b ^ 0xFF for b in data[40:60]) + data[60:], "empty": b""}
+               "flipped": data[:40] + bytes(b ^ 0xFF for b in data[40:60]) + data[60:], "empty": b"",
+               "codec": data[:4] + b"\x09" + data[5:]}
     for name, bad in corrupt.items():
         path.write_bytes(bad)
         with pytest.raises(tg.DataError):
             tg.load_artifact(path, fresh)
     # A structurally valid artifact of another configuration is refused too.
     other = tg.GPT(tiny_args(num_layers=2))
-    path.write_bytes(tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(other.state_dict(), args)), 3))
+    path.write_bytes(tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(other.state_dict(), args)), "zstd", 3))
     with pytest.raises(tg.DataError, match="configuration"):
         tg.load_artifact(path, fresh)
 
@@ -283,7 +354,9 @@ def test_nan_loss_stops_the_run(sample, tmp_path):
 def test_over_the_cap_is_refused_without_a_final_score(sample, tmp_path):
     out = run_script(tmp_path, tiny_run_env(sample, ITERATIONS=1, ARTIFACT_CAP=1000))
     assert out.returncode == 3 and "over the cap" in out.stdout
-    assert "final_int6" not in out.stdout and (tmp_path / "final_model.int6.ptz").exists()
+    assert "final_int6" not in out.stdout and "Total submission size" not in out.stdout
+    assert (tmp_path / "final_model.pt").exists(), "the trained weights must survive for QUANT_ONLY"
+    assert "over the cap" in next((tmp_path / "logs").glob("*.txt")).read_text()
 
 
 def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path):
@@ -314,3 +387,14 @@ def test_smoke_run_finishes_with_finite_scores(tmp_path):
     assert total == (tmp_path / "final_model.int6.ptz").stat().st_size + (ROOT / "train_gpt.py").stat().st_size
     log = next((tmp_path / "logs").glob("*.txt")).read_text()
     assert log.startswith((ROOT / "train_gpt.py").read_text()), "the log must start with the script as run"
+    # The saved artifact re-scores to the same numbers without training...
+    again = run_script(tmp_path, dict(SMOKE=1, EVAL_ONLY="final_model.int6.ptz"), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for key in ("final_int6_zstd_roundtrip_exact", "final_int6_zstd_sliding_window_exact"):
+        assert final_value(again.stdout, key) == final_value(out.stdout, key)
+    assert "step:" not in again.stdout
+    # ...and the saved checkpoint re-quantizes with other settings at no training cost.
+    requant = run_script(tmp_path, dict(SMOKE=1, QUANT_ONLY="final_model.pt", QUANT_METHOD="rtn", EMBED_BITS=6), timeout=600)
+    assert requant.returncode == 0, requant.stderr[-3000:]
+    assert "step:" not in requant.stdout and "quant_gap" in requant.stdout
+    assert math.isfinite(final_value(requant.stdout, "final_int6_zstd_roundtrip_exact")[1])

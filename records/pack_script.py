@@ -1,0 +1,72 @@
+"""Pack train_gpt.py into a short self-extracting script (lzma + base85 + exec), and back.
+
+    python3 records/pack_script.py train_gpt.py -o /tmp/train_gpt.py     # pack, print the bytes saved
+    python3 records/pack_script.py --unpack records/.../train_gpt.py     # print the readable source
+
+The wrapper execs the source in its own module namespace, so `__name__` and `__file__` are the
+wrapper's: the script snapshots its own (packed) file into the log and logs the packed bytes as
+its code size, which is exactly the code that a submission counts. Run the packed file from the
+repository root (SMOKE=1 imports data/ next to it), or give it DATA_PATH and TOKENIZER_PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import lzma
+import sys
+from pathlib import Path
+
+# base85 never produces '"' or '\\', so the payload sits in a plain string literal.
+PREFIX = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+SUFFIX = '")))\n'
+
+
+def pack(source: str) -> str:
+    payload = lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
+    packed = PREFIX + base64.b85encode(payload).decode("ascii") + SUFFIX
+    assert unpack(packed) == source
+    return packed
+
+
+def unpack(text: str) -> str | None:
+    """The source inside a packed script, or None when `text` is not one made by pack()."""
+    if not (text.startswith(PREFIX) and text.endswith(SUFFIX)):
+        return None
+    return lzma.decompress(base64.b85decode(text[len(PREFIX):-len(SUFFIX)])).decode("utf-8")
+
+
+def readable(text: str) -> str:
+    """The source of a script, packed or not."""
+    source = unpack(text)
+    return text if source is None else source
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("script", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="write the packed script here (default: only print sizes)")
+    p.add_argument("--unpack", action="store_true", help="print the readable source of a packed script")
+    a = p.parse_args(argv)
+    text = a.script.read_text(encoding="utf-8")
+    if a.unpack:
+        source = unpack(text)
+        if source is None:
+            sys.exit(f"error: {a.script} is not a script packed by records/pack_script.py")
+        sys.stdout.write(source)
+        return
+    if unpack(text) is not None:
+        sys.exit(f"error: {a.script} is already packed")
+    packed = pack(text)
+    if a.output:
+        a.output.write_text(packed, encoding="utf-8")
+    saved = utf8_len(text) - utf8_len(packed)
+    print(f"{a.script}: {utf8_len(text)} bytes -> packed {utf8_len(packed)} bytes (saves {saved} bytes, "
+          f"{saved / utf8_len(text):.1%})" + (f", written to {a.output}" if a.output else ""))
+
+
+if __name__ == "__main__":
+    main()

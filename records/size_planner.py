@@ -1,0 +1,240 @@
+"""Predict the artifact size (code + compressed model) of a configuration before spending GPU time.
+
+    python3 records/size_planner.py plan NUM_LAYERS=12 MLP_MULT=3.5 [--packed] [--script PATH]
+    python3 records/size_planner.py check logs/*.txt                   # prediction vs the logged export
+    python3 records/size_planner.py measure LOG CHECKPOINT [LOG CHECKPOINT ...]   # refit FACTORS
+
+`plan` builds the model with the script's own classes on the meta device (no memory, no compute),
+with the settings the script would see (this environment plus NAME=VALUE arguments, same names as
+the script), sorts every tensor of the state dict by the script's own quant_bits_for into
+quantized (embedding or matrix, by bits) and passthrough (fp16 2-D, fp32 the rest), and adds up
+parameters x FACTORS (compressed bytes per parameter, measured on trained exports) + the code bytes.
+Exit status 2 when the prediction is over the cap, 1 on bad input.
+
+`measure` re-quantizes trained checkpoints (final_model.pt, with the configuration from their log)
+with the script's quantizer at every bit width, compresses each tensor class alone with the
+script's serializer and zstd at ZSTD_LEVEL, and prints the factors to paste into FACTORS. The
+factors are for COMPRESSOR=zstd (`auto` can only be smaller). Short CPU runs train small models
+for a few dozen steps; fully trained 8xH100 weights may compress differently: re-measure on a real
+final_model.pt when you have one, and compare with `check` on its log.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import types
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_script import pack, readable, utf8_len  # noqa: E402
+from runlog import CAP_BYTES, LogError, read_log  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 0.05  # the planner's error on real exports is within this (tests/test_records.py checks it)
+
+# Compressed bytes per parameter by tensor class, scales and JSON header included.
+# Measured 2026-11-23 on a 2-core CPU VM by
+#   python3 records/size_planner.py measure <log> <final_model.pt> ...   (runs listed in records/BENCHMARKS_records.md)
+HEADER_BYTES = 69  # an empty export: magic, JSON skeleton
+FACTORS = {
+    "embed_int2": 0.1743,  # 163,840 parameters
+    "embed_int3": 0.3174,  # 163,840 parameters
+    "embed_int4": 0.4418,  # 163,840 parameters
+    "embed_int5": 0.5817,  # 163,840 parameters
+    "embed_int6": 0.7311,  # 163,840 parameters
+    "embed_int7": 0.8743,  # 163,840 parameters
+    "embed_int8": 1.0029,  # 163,840 parameters
+    "fp16": 1.8138,  # 353,312 parameters
+    "fp32": 3.4268,  # 1,598 parameters
+    "matrix_int2": 0.1187,  # 460,800 parameters
+    "matrix_int3": 0.2838,  # 460,800 parameters
+    "matrix_int4": 0.4262,  # 460,800 parameters
+    "matrix_int5": 0.5544,  # 460,800 parameters
+    "matrix_int6": 0.6783,  # 460,800 parameters
+    "matrix_int7": 0.8024,  # 460,800 parameters
+    "matrix_int8": 0.9271,  # 460,800 parameters
+}
+
+
+class PlanError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- the script and its model
+
+def load_script(source: str, settings: dict[str, str], name: str = "train_gpt_planned") -> types.ModuleType:
+    """Import a train_gpt.py source as a fresh module that reads `settings` on top of this environment
+    (the script reads its settings from os.environ when its classes are defined)."""
+    module = types.ModuleType(name)
+    module.__file__ = str(ROOT / "train_gpt.py")
+    saved = dict(os.environ)
+    os.environ.update(settings)
+    sys.modules[name] = module
+    try:
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.modules.pop(name, None)
+    if module.ENV_ERRORS:
+        raise PlanError("; ".join(module.ENV_ERRORS))
+    return module
+
+
+def config_settings(config: dict) -> dict[str, str]:
+    """A log's resolved config as the environment that reproduces it."""
+    return {k.upper(): ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in config.items()}
+
+
+def tensor_classes(tg, args) -> dict[str, list[tuple[str, int, int]]]:
+    """class -> [(name, numel, rows)] for the exported state dict, classes named like FACTORS keys."""
+    import torch
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    classes = defaultdict(list)
+    for name, t in model.state_dict().items():
+        bits = tg.quant_bits_for(name, t, args)
+        classes[tensor_class(tg, name, t, bits)].append((name, t.numel(), t.shape[0] if t.ndim else 1))
+    return classes
+
+
+def tensor_class(tg, name: str, t, bits: int | None) -> str:
+    if bits is not None:
+        return f"{'embed' if name in tg.EMBED_NAMES or name == 'lm_head.weight' else 'matrix'}_int{bits}"
+    return "fp16" if t.ndim == 2 else "fp32"
+
+
+def predict(classes: dict) -> dict[str, int]:
+    missing = sorted(set(classes) - set(FACTORS))
+    if missing:
+        raise PlanError(f"no measured factor for {', '.join(missing)}: run `size_planner.py measure` on a "
+                        "checkpoint with such tensors and add it to FACTORS")
+    return {c: round(sum(n for _, n, _ in tensors) * FACTORS[c]) for c, tensors in classes.items()}
+
+
+# ----------------------------------------------------------------------------- plan
+
+def plan(settings: dict[str, str], script: Path, packed: bool) -> int:
+    text = script.read_text(encoding="utf-8")
+    source = readable(text)
+    tg = load_script(source, settings)
+    unknown = sorted(set(settings) - set(tg.KNOWN_ENV))
+    if unknown:
+        raise PlanError("not settings of this script: " + ", ".join(
+            f"{u}" + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(u, tg.KNOWN_ENV, n=1))
+            for u in unknown))
+    args = tg.Hyperparameters()
+    try:
+        tg.validate_config(args, 8, args.grad_accum_steps or 1)  # the 8-GPU record setup
+    except tg.ConfigError as e:
+        raise PlanError(str(e)) from None
+    classes = tensor_classes(tg, args)
+    sizes = predict(classes)
+    code = utf8_len(pack(source) if packed else text)
+    total = HEADER_BYTES + sum(sizes.values()) + code
+    print(f"{'class':<14}{'tensors':>8}{'params':>14}{'bytes/param':>13}{'bytes':>13}")
+    for c in sorted(sizes, key=sizes.get, reverse=True):
+        params = sum(n for _, n, _ in classes[c])
+        print(f"{c:<14}{len(classes[c]):>8}{params:>14,}{FACTORS[c]:>13.4f}{sizes[c]:>13,}")
+    print(f"{'header':<49}{HEADER_BYTES:>13,}")
+    print(f"{'code' + (' (packed)' if packed else ''):<49}{code:>13,}")
+    print(f"{'total':<49}{total:>13,}  (cap {CAP_BYTES:,}: {CAP_BYTES - total:+,} bytes)")
+    if total > CAP_BYTES:
+        print(f"OVER THE CAP: predicted {total:,} > {CAP_BYTES:,} bytes", file=sys.stderr)
+        return 2
+    if total > CAP_BYTES * (1 - TOLERANCE):
+        print(f"WARNING: within the planner's {TOLERANCE:.0%} error of the cap: likely over; "
+              "the run will prune to fit (fit_to_cap) or stop", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- check and measure
+
+def run_module(log_path):
+    run = read_log(log_path)
+    tg = load_script(readable(run.code), config_settings(run.config))
+    return run, tg, tg.Hyperparameters()
+
+
+def predicted_model_bytes(log_path) -> int:
+    """The planner's prediction for the configuration of a log, built with the log's own code."""
+    _, tg, args = run_module(log_path)
+    return HEADER_BYTES + sum(predict(tensor_classes(tg, args)).values())
+
+
+def check(log_paths: list[Path]) -> None:
+    print(f"{'log':<40}{'predicted':>12}{'real':>12}{'error':>9}")
+    for path in log_paths:
+        real = read_log(path).model_bytes
+        if real is None:
+            print(f"{str(path):<40}  no `Serialized model` line: skipped")
+            continue
+        predicted = predicted_model_bytes(path)
+        print(f"{str(path):<40}{predicted:>12,}{real:>12,}{predicted / real - 1:>+9.2%}")
+
+
+def measure(pairs: list[tuple[Path, Path]]) -> None:
+    import torch
+    import zstandard
+    total_bytes, total_params, header = defaultdict(int), defaultdict(int), 0
+    for log_path, checkpoint in pairs:
+        run, tg, args = run_module(log_path)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        compress = zstandard.ZstdCompressor(level=args.zstd_level).compress
+        size = lambda qstate: len(compress(tg.serialize_quantized(qstate)))  # noqa: E731
+        header = size({})
+        for bits in range(2, 9):
+            for attr in [a for a in vars(type(args)) if a.endswith("_bits")]:  # every class at `bits`
+                setattr(args, attr, bits)
+            if hasattr(args, "quant_overrides"):
+                args.quant_overrides = ""
+            qstate = tg.quantize_state_dict(state, args)
+            groups = defaultdict(list)
+            for name, t in state.items():
+                groups[tensor_class(tg, name, t, qstate[name]["bits"])].append(name)
+            for c, names in groups.items():
+                if bits > 2 and not c.startswith(("embed", "matrix")):
+                    continue  # passthrough tensors do not depend on the bits: measured once
+                total_bytes[c] += size({n: qstate[n] for n in names}) - header
+                total_params[c] += sum(state[n].numel() for n in names)
+        print(f"measured {log_path} with {checkpoint}", file=sys.stderr)
+    print(f"HEADER_BYTES = {header}")
+    print("FACTORS = {")
+    for c in sorted(total_bytes):
+        print(f'    "{c}": {total_bytes[c] / total_params[c]:.4f},  # {total_params[c]:,} parameters')
+    print("}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pl = sub.add_parser("plan", help="predict the artifact size of a configuration")
+    pl.add_argument("settings", nargs="*", metavar="NAME=VALUE", help="settings on top of this environment")
+    pl.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help="the script (packed or not)")
+    pl.add_argument("--packed", action="store_true", help="count the code bytes of the packed script")
+    ch = sub.add_parser("check", help="compare predictions with the model bytes in logs")
+    ch.add_argument("logs", type=Path, nargs="+")
+    me = sub.add_parser("measure", help="measure FACTORS on trained checkpoints")
+    me.add_argument("pairs", type=Path, nargs="+", metavar="LOG CHECKPOINT")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "plan":
+            bad = [s for s in a.settings if "=" not in s]
+            if bad:
+                raise PlanError(f"settings must be NAME=VALUE, got {' '.join(bad)}")
+            sys.exit(plan(dict(s.split("=", 1) for s in a.settings), a.script, a.packed))
+        elif a.command == "check":
+            check(a.logs)
+        else:
+            if len(a.pairs) % 2:
+                raise PlanError("measure takes pairs: LOG CHECKPOINT [LOG CHECKPOINT ...]")
+            measure(list(zip(a.pairs[::2], a.pairs[1::2])))
+    except (PlanError, LogError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

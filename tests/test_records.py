@@ -1,0 +1,285 @@
+"""Tests of the records/ tools on CPU, from real logs of short train_gpt.py runs and edits of them."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "records"))
+
+import compare_runs  # noqa: E402
+import package_record  # noqa: E402
+import runlog  # noqa: E402
+import significance  # noqa: E402
+import size_planner  # noqa: E402
+import train_gpt as tg  # noqa: E402
+from data.sample import build_sample  # noqa: E402
+from pack_script import pack, unpack  # noqa: E402
+
+# Every setting differs from its (non-smoke) default, so each must appear in the packaged command.
+TINY = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=64,
+            TRAIN_BATCH_TOKENS=1024, ITERATIONS=4, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0,
+            BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096)
+# A trained small model whose MLP matrices are quantized (160 x 480 > 65,536 entries): the planner's
+# factors were measured on other shapes and seeds (records/BENCHMARKS_records.md).
+TRAINED = dict(SMOKE=1, MODEL_DIM=176, NUM_LAYERS=2, ITERATIONS=30, VAL_LOSS_EVERY=0, SEED=5)
+
+
+def start(script: Path, cwd: Path, sample, settings: dict) -> subprocess.Popen:
+    cwd.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
+    env.update({k: str(v) for k, v in settings.items()}, RUN_ID="run", DATA_PATH=sample[0], TOKENIZER_PATH=sample[1],
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Three real runs at once (one thread each): the tiny config from the readable and from the
+    packed script, and a trained small model. name -> log path."""
+    tmp = tmp_path_factory.mktemp("runs")
+    sample = build_sample(tmp / "sample", vocab_size=512, train_tokens=60_000, val_docs=8)
+    (tmp / "packed.py").write_text(pack((ROOT / "train_gpt.py").read_text(encoding="utf-8")), encoding="utf-8")
+    procs = {"plain": start(ROOT / "train_gpt.py", tmp / "plain", sample, TINY),
+             "packed": start(tmp / "packed.py", tmp / "packed", sample, TINY),
+             "trained": start(ROOT / "train_gpt.py", tmp / "trained", sample, TRAINED)}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name} run failed:\n{out[-3000:]}"
+    return {name: tmp / name / "logs" / "run.txt" for name in procs}
+
+
+# ----------------------------------------------------------------------------- logs
+
+def edited(src: Path, dst: Path, code: str | None = None, subs=(), cut=None) -> Path:
+    """A synthetic log: `src` with its code snapshot replaced (code and total size lines kept
+    consistent with it), regex substitutions applied to the log lines, lines matching `cut` dropped."""
+    text = src.read_text(encoding="utf-8")
+    old_code, body = runlog.split_snapshot(text, src)
+    code = old_code if code is None else code
+    delta = len(code.encode()) - len(old_code.encode())
+    body = re.sub(r"^Code size: (\d+)", lambda m: f"Code size: {int(m.group(1)) + delta}", body, flags=re.M)
+    body = re.sub(r"^(Total submission size \S+): (\d+)", lambda m: f"{m.group(1)}: {int(m.group(2)) + delta}", body,
+                  flags=re.M)
+    for pattern, repl in subs:
+        body = re.sub(pattern, repl, body, flags=re.M)
+    if cut:
+        body = "".join(line for line in body.splitlines(True) if not re.match(cut, line))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(code + "\n" + runlog.SEPARATOR + "\n" + body, encoding="utf-8")
+    return dst
+
+
+def seed_log(src: Path, dst: Path, seed: int, loss: float) -> Path:
+    """Another seed of the same run: its seed and its final scores changed."""
+    return edited(src, dst, subs=[(r'"seed": \d+', f'"seed": {seed}'), (r"^seed:\d+", f"seed:{seed}"),
+                                  (r"^(final_\S+_exact) val_loss:\S+ val_bpb:\S+",
+                                   rf"\1 val_loss:{loss:.8f} val_bpb:{loss / 1.2:.8f}")])
+
+
+def test_read_log_takes_every_number_from_the_run(runs):
+    run = runlog.read_log(runs["plain"])
+    assert run.code == (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    assert run.code_bytes == len(run.code.encode()) and run.model_bytes + run.code_bytes == run.total_bytes
+    assert run.config["num_layers"] == 2 and run.seed == 1337 and run.steps == 4 and run.world_size == 1
+    assert [f.kind for f in run.finals] == ["plain", "sliding"] and run.score() is run.finals[-1]
+    assert run.failure() is None and not run.over_cap()
+
+
+def test_score_precedence_is_ttt_then_sliding_then_plain(runs, tmp_path):
+    log = edited(runs["plain"], tmp_path / "ttt.txt", subs=[
+        (r"^(final_\S+_sliding_window_exact .*)$", r"\1\nfinal_int6_zstd_ttt_exact val_loss:1.00000000 val_bpb:0.90000000")])
+    run = runlog.read_log(log)
+    assert run.score().name == "int6_zstd_ttt" and run.score().val_bpb == 0.9
+    run.finals = [f for f in run.finals if f.kind == "plain"]
+    assert run.score().kind == "plain"
+
+
+def test_not_a_log_is_refused(tmp_path):
+    (tmp_path / "x.txt").write_text("hello\n")
+    with pytest.raises(runlog.LogError, match="not a train_gpt.py log"):
+        runlog.read_log(tmp_path / "x.txt")
+
+
+# ----------------------------------------------------------------------------- packaging
+
+def package(logs, tmp_path, **kw):
+    meta = dict(author="A. Author", github_id="aauthor", name=kw.pop("name", "Tiny Test"), blurb="A test.",
+                date="2026-11-23", track="non_record_16mb")
+    args = dict(track="non_record", pack_code=False, previous=None, records_dir=tmp_path / "records") | kw
+    return package_record.package(logs, meta, **args)
+
+
+def test_package_three_seeds(runs, tmp_path):
+    logs = [seed_log(runs["plain"], tmp_path / f"s{s}.txt", s, loss) for s, loss in ((1, 6.1), (2, 6.2), (3, 6.3))]
+    out = package(logs, tmp_path, previous=[6.5])
+    assert out == tmp_path / "records" / "track_non_record_16mb" / "2026-11-23_Tiny_Test"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "submission.json", "train_gpt.py", "train_seed1.log",
+                                                      "train_seed2.log", "train_seed3.log"]
+    assert (out / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    assert (out / "train_seed2.log").read_bytes() == logs[1].read_bytes()
+    sub = json.loads((out / "submission.json").read_text())
+    run = runlog.read_log(logs[0])
+    assert sub["val_loss"] == pytest.approx(6.2) and sub["val_loss_std"] == pytest.approx(0.1)
+    assert sub["val_bpb"] == pytest.approx(6.2 / 1.2)
+    assert sub["bytes_code"] == run.code_bytes and sub["bytes_total"] == run.total_bytes
+    assert sub["seeds"] == [1, 2, 3] and sub["seed_results"]["3"]["val_loss"] == 6.3
+    assert sub["score_line"] == "final_int6_zstd_sliding_window_exact"
+    for field in ("author", "github_id", "name", "blurb", "date"):
+        assert sub[field]
+    readme = (out / "README.md").read_text()
+    assert "| 2 | 4 |" in readme and "NOT A RECORD" in readme  # 0.3 nats better, but 3 noisy seeds
+
+
+def test_packaged_command_sets_exactly_the_settings_that_differ(runs, tmp_path):
+    tiny = package_record.overrides(runlog.read_log(runs["plain"]))
+    assert set(tiny) == set(TINY) | {"DATA_PATH", "TOKENIZER_PATH"}  # EVAL_SEQ_LEN follows TRAIN_SEQ_LEN: not set
+    trained = package_record.overrides(runlog.read_log(runs["trained"]))  # against the smoke defaults
+    assert set(trained) == set(TRAINED) | {"DATA_PATH", "TOKENIZER_PATH"}
+    out = package([runs["trained"]], tmp_path)
+    assert "SEED=$SEED DATA_PATH=" in (out / "README.md").read_text()
+    assert "MODEL_DIM=176" in (out / "README.md").read_text() and "VOCAB_SIZE" not in (out / "README.md").read_text()
+
+
+def test_package_refuses_logs_whose_code_differs(runs, tmp_path):
+    code = runlog.read_log(runs["plain"]).code
+    other = edited(runs["plain"], tmp_path / "b.txt", code=code.replace("import copy\n", "import copy  # changed\n"),
+                   subs=[(r'"seed": \d+', '"seed": 7')])
+    with pytest.raises(package_record.PackageError, match="code differs") as refused:
+        package([runs["plain"], other], tmp_path)
+    assert "import copy  # changed" in str(refused.value)  # the diff shows the changed line
+
+
+def test_package_refuses_over_the_cap_and_mismatched_code_size(runs, tmp_path):
+    run = runlog.read_log(runs["plain"])
+    big = 16_000_001 - run.code_bytes
+    over = edited(runs["plain"], tmp_path / "over.txt", subs=[
+        (r"^(Serialized model \S+): \d+", rf"\1: {big}"), (r"^(Total submission size \S+): \d+", rf"\1: {big + run.code_bytes}")])
+    with pytest.raises(package_record.PackageError, match="16,000,000-byte cap"):
+        package([over], tmp_path)
+    wrong = edited(runs["plain"], tmp_path / "wrong.txt", subs=[(r"^Code size: \d+", "Code size: 123")])
+    with pytest.raises(package_record.PackageError, match="logged code size 123 != UTF-8 length"):
+        package([wrong], tmp_path)
+
+
+def test_package_refuses_runs_without_a_final_score(runs, tmp_path):
+    crashed = edited(runs["plain"], tmp_path / "crashed.txt", cut=r"final_int")
+    with pytest.raises(package_record.PackageError, match="no final_\\*_exact score line"):
+        package([crashed], tmp_path)
+    failed = edited(runs["plain"], tmp_path / "failed.txt", cut=r"final_int", subs=[(r"\Z", "error: boom\n")])
+    with pytest.raises(package_record.PackageError, match="error: boom"):
+        package([failed], tmp_path)
+    assert not (tmp_path / "records").exists()
+
+
+def test_record_track_needs_an_8_gpu_capped_run(runs, tmp_path):
+    with pytest.raises(package_record.PackageError, match="8-GPU CUDA run"):
+        package([runs["plain"]], tmp_path, track="record")
+    gpu = edited(runs["plain"], tmp_path / "gpu.txt", subs=[
+        (r"device:cpu$", "device:cuda"), (r"^world_size:1 ", "world_size:8 "),
+        (r'"max_wallclock_seconds": [\d.]+', '"max_wallclock_seconds": 600.0')])
+    out = package([gpu], tmp_path, track="record")
+    assert out.parent.name == "track_10min_16mb"
+    assert "torchrun --standalone --nproc_per_node=8 train_gpt.py" in (out / "README.md").read_text()
+
+
+def test_package_refuses_seeds_with_different_settings(runs, tmp_path):
+    other = edited(runs["plain"], tmp_path / "b.txt", subs=[(r'"seed": \d+', '"seed": 7'), (r'"matrix_lr": [\d.]+', '"matrix_lr": 0.5')])
+    with pytest.raises(package_record.PackageError, match="settings differ.*MATRIX_LR"):
+        package([runs["plain"], other], tmp_path)
+
+
+def test_package_packed_counts_the_packed_bytes(runs, tmp_path):
+    out = package([runs["plain"]], tmp_path, pack_code=True)
+    packed = (out / "train_gpt.py").read_text()
+    assert unpack(packed) == runlog.read_log(runs["plain"]).code
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["bytes_code"] == len(packed.encode()) and sub["bytes_total"] == runlog.read_log(runs["plain"]).model_bytes + len(packed)
+    with pytest.raises(package_record.PackageError, match="already packed"):  # the packed run's own log
+        package([runs["packed"]], tmp_path, pack_code=True, name="other")
+
+
+# ----------------------------------------------------------------------------- packing
+
+def masked_lines(log: Path) -> list[str]:
+    """The log after the code snapshot, without code-size lines and with timings blanked."""
+    _, body = runlog.split_snapshot(log.read_text(encoding="utf-8"), log)
+    lines = [line for line in body.splitlines() if not re.match(r"(Code size|Total submission size)", line)]
+    return [re.sub(r"(time|step_avg|remaining):[\d.]+m?s", r"\1:*", line) for line in lines]
+
+
+def test_packed_script_runs_identically_and_logs_its_own_bytes(runs):
+    plain, packed = runlog.read_log(runs["plain"]), runlog.read_log(runs["packed"])
+    assert masked_lines(runs["packed"]) == masked_lines(runs["plain"])
+    assert unpack(packed.code) == plain.code  # the packed run snapshotted the wrapper it ran...
+    assert packed.code_bytes == len(packed.code.encode()) < plain.code_bytes - 30_000  # ...and counted its bytes
+
+
+# ----------------------------------------------------------------------------- significance
+
+def test_one_sample_test_matches_the_closed_form():
+    v = significance.improvement_test([1.000, 1.002, 1.004], [1.010])
+    t = 0.003 / (0.002 / math.sqrt(3))  # (improvement - margin) / standard error
+    assert v.t == pytest.approx(t) and v.df == 2
+    assert v.p == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)))  # t distribution, 2 degrees of freedom
+    assert v.p == pytest.approx(0.060845, abs=1e-6) and not v.qualifies
+
+
+def test_welch_test_matches_the_closed_form():
+    v = significance.improvement_test([1.000, 1.002, 1.004], [1.020, 1.022, 1.024])
+    t = 0.015 / math.sqrt(2 * 0.002 ** 2 / 3)
+    x = t * t / (4 + t * t)
+    assert v.t == pytest.approx(t) and v.df == pytest.approx(4)  # Welch-Satterthwaite, equal variances
+    assert v.p == pytest.approx(0.5 * (1 - math.sqrt(x) * (3 - x) / 2))  # t distribution, 4 degrees of freedom
+    assert v.qualifies and "RECORD: p=0.000390" in v.report()
+
+
+def test_significance_needs_two_seeds_and_a_margin():
+    with pytest.raises(ValueError, match="at least 2"):
+        significance.improvement_test([1.0], [1.1])
+    # exactly the margin better: p = 0.5, never a record
+    assert significance.improvement_test([1.0, 1.001, 0.999], [1.005]).p == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- size planner
+
+def test_planner_is_within_5_percent_of_a_real_export(runs):
+    run = runlog.read_log(runs["trained"])
+    predicted = size_planner.predicted_model_bytes(runs["trained"])
+    assert abs(predicted / run.model_bytes - 1) < size_planner.TOLERANCE, (predicted, run.model_bytes)
+
+
+def test_planner_plans_the_default_configuration(capsys):
+    assert size_planner.plan({}, ROOT / "train_gpt.py", packed=False) in (0, 2)
+    out = capsys.readouterr().out
+    assert "matrix_int6" in out and "embed_int8" in out and f"{(ROOT / 'train_gpt.py').stat().st_size:,}" in out
+    with pytest.raises(size_planner.PlanError, match="did you mean NUM_LAYERS"):
+        size_planner.plan({"NUM_LAYER": "12"}, ROOT / "train_gpt.py", packed=False)
+    with pytest.raises(size_planner.PlanError, match="NUM_HEADS=3 must divide"):
+        size_planner.plan({"NUM_HEADS": "3"}, ROOT / "train_gpt.py", packed=False)
+
+
+# ----------------------------------------------------------------------------- compare runs
+
+def test_compare_runs_table_flags_failures_and_the_cap(runs, tmp_path):
+    run = runlog.read_log(runs["plain"])
+    over = edited(runs["plain"], tmp_path / "over.txt", subs=[(r'"run_id": "run"', '"run_id": "big"'),
+                  (r"^(Total submission size \S+): \d+", r"\1: 16000001")])
+    failed = edited(runs["plain"], tmp_path / "failed.txt", cut=r"final_int",
+                    subs=[(r'"run_id": "run"', '"run_id": "bad"'), (r"\Z", "error: boom\n")])
+    table = compare_runs.table([runlog.read_log(p) for p in (failed, over, runs["plain"])])
+    rows = table.splitlines()
+    assert "plain bpb" in rows[0] and "sliding bpb" in rows[0] and "ttt bpb" not in rows[0]
+    assert rows[2].startswith("| big |") and rows[2].endswith("| 16,000,001 | >CAP |")
+    assert rows[3].startswith("| run |") and f"{run.score().val_bpb:.5f}" in rows[3]
+    assert rows[4].startswith("| bad |") and "error: boom" in rows[4]
+    pytest.importorskip("matplotlib")
+    compare_runs.plot([runlog.read_log(p) for p in (runs["plain"], runs["trained"])], tmp_path / "c.png", "time")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
