@@ -151,7 +151,9 @@ class Hyperparameters:
     attn_bits = env("ATTN_BITS", 6)
     mlp_bits = env("MLP_BITS", 6)
     embed_bits = env("EMBED_BITS", 8)  # 16 keeps embeddings in fp16
-    quant_overrides = env("QUANT_OVERRIDES", "")  # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16
+    # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke model's matrices are all under
+    # the small-tensor size: forcing them in makes the smoke run exercise GPTQ and late QAT.
+    quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     quant_method = env("QUANT_METHOD", "gptq")  # gptq | rtn (round to nearest)
     quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
     gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
@@ -1190,6 +1192,7 @@ def main() -> None:
     log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} device:{device.type}", console=False)
     if device.type == "cuda":
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
+        log(f"gpus:{world_size}x {torch.cuda.get_device_name(device)}")
     log("config " + json.dumps({k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}, sort_keys=True))
     for w in warnings:
         log(w, console=False)
@@ -1357,8 +1360,9 @@ def main() -> None:
         hessians = collect_hessians(base_model, batches, args, device, world_size)
     qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
     quant_s = time.perf_counter() - t
-    log(f"quantize:{args.quant_method} time:{quant_s:.1f}s" + (f" (reserve {args.gptq_reserve_seconds:.0f}s"
-        f"{', EXCEEDED: raise GPTQ_RESERVE_SECONDS' if quant_s > args.gptq_reserve_seconds else ''})" if hessians else ""))
+    over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
+    log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
+        + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
     code_bytes = len(code.encode("utf-8"))
     artifact = f"final_model.{label.split('_')[0]}.ptz"
     try:
@@ -1394,6 +1398,7 @@ def final_evaluation(label: str, validate, log, args, pre_quant_bpb: float | Non
         log(f"final_{label}_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         if name == "roundtrip" and pre_quant_bpb is not None:
             log(f"quant_gap val_bpb:{bpb - pre_quant_bpb:+.5f}")
+    log("final_eval:done")  # a run killed during its last evaluation lacks this line
 
 
 def check_step(done_step: int, flags: Tensor, step: int, stop_after_step, log):

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train documents (after the val split) to train SentencePiece on")
     parser.add_argument("--keep-long-docs", action="store_true",
                         help=f"train SentencePiece on documents over {MAX_SENTENCE_BYTES} bytes too (upstream skips them; "
-                             "see records/BENCHMARKS_data.md)")
+                             "see records/BENCHMARKS.md)")
     parser.add_argument("--reuse-model", help="existing SentencePiece .model to export with instead of training one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset / tokenizer of that name")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlog import CAP_BYTES, SCORE_KINDS, LogError, RunLog, read_log  # noqa: E402
+from runlog import SCORE_KINDS, LogError, RunLog, read_log  # noqa: E402
 
 
 def fmt(value, spec: str) -> str:

@@ -13,11 +13,11 @@ writes records/track_10min_16mb/<date>_<Name>/ (or track_non_record_16mb/) holdi
 - README.md: a skeleton with the results table, the exact command (the settings that differ from
   the defaults of the code snapshot, from each log's `config` line) and the significance test.
 
-It refuses, listing every problem: logs that are not train_gpt.py logs, failed runs (error lines or
-no final score), snapshots that differ between logs, settings other than SEED that differ between
-logs, a logged code size that is not the snapshot's UTF-8 length, totals that do not add up or
-exceed 16,000,000 bytes, EVAL_ONLY/QUANT_ONLY runs, duplicate seeds, and for the record track any
-run that is not an 8-GPU CUDA run capped at 600 s.
+It refuses, listing every problem (exit status 1): files that are not train_gpt.py logs; failed runs
+(error lines or no final score); code snapshots, or settings other than SEED, that differ between
+logs; duplicate seeds; seeds scored by different final lines; a logged code size that is not the
+snapshot's UTF-8 length; sizes that do not add up, or model + code over 16,000,000 bytes;
+EVAL_ONLY/QUANT_ONLY runs; and for the record track, anything but an 8-GPU CUDA run capped at 600 s.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from significance import improvement_test  # noqa: E402
 TRACKS = {"record": "track_10min_16mb", "non_record": "track_non_record_16mb"}  # official folder names
 PER_RUN_SETTINGS = {"RUN_ID"}  # defaults to a fresh uuid; it names the log and is never part of the command
 VARYING_SETTINGS = {"SEED"} | PER_RUN_SETTINGS  # may differ between the seeds of one submission
+UNPACK_COMMAND = ("python3 -c \"import base64,lzma; s = open('train_gpt.py').read(); "  # chr(34) is the quote
+                  "print(lzma.decompress(base64.b85decode(s.split(chr(34))[1])).decode(), end='')\"")
 BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
 
@@ -137,6 +139,9 @@ def problems(runs: list[RunLog], track: str, code: str) -> list[str]:
     for run in runs[1:]:
         if run.code != first.code:
             out.append(code_difference(first, run))
+        if run.score() and first.score() and run.score().name != first.score().name:  # e.g. killed during TTT
+            out.append(f"{run.path}: scored by final_{run.score().name}_exact but {first.path} by "
+                       f"final_{first.score().name}_exact: did one stop during its last evaluation?")
         differing = sorted(k.upper() for k in set(first.config) | set(run.config)
                            if k.upper() not in VARYING_SETTINGS and first.config.get(k) != run.config.get(k))
         if differing:
@@ -212,11 +217,11 @@ def readme(runs: list[RunLog], sub: dict, settings: dict, packed: bool, signific
          if settings else "Every setting is this train_gpt.py's default."), "",
     ]
     if packed:
-        lines += ["`train_gpt.py` is packed (lzma + base85, see `records/pack_script.py` in the project); "
-                  "`python3 records/pack_script.py --unpack train_gpt.py` prints the readable source. "
-                  + ("The logs were written by the readable source; the packed script runs identically and "
-                     "`bytes_code`/`bytes_total` count the packed bytes." if unpack(runs[0].code) is None else
-                     "The runs used this packed file, so the logs count its bytes."), ""]
+        lines += ["`train_gpt.py` is packed: it decompresses its lzma + base85 source and runs it. "
+                  + ("The logs were written by the readable source, which runs identically; `bytes_code` and "
+                     "`bytes_total` count the packed bytes." if unpack(runs[0].code) is None else
+                     "The runs used this packed file, so the logs count its bytes.")
+                  + " The readable source:", "", "```bash", UNPACK_COMMAND, "```", ""]
     if significance:
         lines += ["## Significance", "", "```", significance, "```", ""]
     lines += ["## Approach", "", "TODO: what changed against the previous record, and why it helps.", "",
@@ -228,7 +233,7 @@ def package(log_paths: list[Path], meta: dict, track: str, pack_code: bool, prev
             records_dir: Path) -> Path:
     try:
         runs = [read_log(p) for p in log_paths]
-    except (LogError, OSError, json.JSONDecodeError) as e:
+    except (LogError, OSError) as e:
         raise PackageError(str(e)) from None
     runs.sort(key=lambda r: r.seed)
     if pack_code and unpack(runs[0].code) is not None:
@@ -248,7 +253,7 @@ def package(log_paths: list[Path], meta: dict, track: str, pack_code: bool, prev
     if out.exists():
         raise PackageError(f"{out} exists: remove it or choose another --name")
     settings = {k: v for k, v in overrides(runs[0]).items() if k != "SEED"}  # may raise: before writing
-    sub = submission(runs, meta, utf8_len(code))
+    sub = submission(runs, dict(meta, track=TRACKS[track].removeprefix("track_")), utf8_len(code))
     text = readme(runs, sub, settings, unpack(code) is not None, verdict)
     out.mkdir(parents=True)
     (out / "train_gpt.py").write_bytes(code.encode("utf-8"))
@@ -276,8 +281,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", a.date):
         p.error(f"--date {a.date!r} is not YYYY-MM-DD")
-    meta = dict(author=a.author, github_id=a.github_id, name=a.name, blurb=a.blurb, date=a.date,
-                track=TRACKS[a.track].removeprefix("track_"))
+    meta = dict(author=a.author, github_id=a.github_id, name=a.name, blurb=a.blurb, date=a.date)
     try:
         out = package(a.logs, meta, a.track, a.pack, a.previous, a.records_dir)
     except PackageError as e:

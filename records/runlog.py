@@ -138,7 +138,10 @@ def read_log(path) -> RunLog:
         code, body = split_snapshot(f.read(), path)
     run = RunLog(path=path, code=code, config={})
     for line in body.splitlines():
-        parse_line(run, line)
+        try:
+            parse_line(run, line)
+        except ValueError as e:  # a line that matches a pattern but holds no number (or bad JSON)
+            raise LogError(f"{path}: cannot read {line[:80]!r}: {e}") from None
     if not run.config:
         raise LogError(f"{path}: no `config {{...}}` line")
     return run

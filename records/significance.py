@@ -47,10 +47,11 @@ class Verdict:
         return self.p < ALPHA
 
     def report(self) -> str:
-        prev_std = f" std {self.std_previous:.8f}" if self.std_previous is not None else " (single value)"
+        previous = (f"n={self.n_previous} mean {self.mean_previous:.8f} std {self.std_previous:.8f} nats"
+                    if self.std_previous is not None else f"{self.mean_previous:.8f} nats (one value)")
         return "\n".join([
             f"new:         n={self.n_new} mean {self.mean_new:.8f} std {self.std_new:.8f} nats",
-            f"previous:    n={self.n_previous} mean {self.mean_previous:.8f}{prev_std} nats",
+            f"previous:    {previous}",
             f"improvement: {self.improvement:.8f} nats (a record needs > {MARGIN_NATS} at p < {ALPHA})",
             f"{self.test}, one-sided, H0: improvement <= {MARGIN_NATS}: t={self.t:.4f} df={self.df:.2f} p={self.p:.6f}",
             f"{'RECORD' if self.qualifies else 'NOT A RECORD'}: p={self.p:.6f} {'<' if self.qualifies else '>='} {ALPHA}",

@@ -37,25 +37,25 @@ TOLERANCE = 0.05  # the planner's error on real exports is within this (tests/te
 
 # Compressed bytes per parameter by tensor class, scales and JSON header included.
 # Measured 2026-11-23 on a 2-core CPU VM by
-#   python3 records/size_planner.py measure <log> <final_model.pt> ...   (runs listed in records/BENCHMARKS_records.md)
+#   python3 records/size_planner.py measure <log> <final_model.pt> ...   (runs listed in records/BENCHMARKS.md (Records tools))
 HEADER_BYTES = 69  # an empty export: magic, JSON skeleton
 FACTORS = {
-    "embed_int2": 0.1743,  # 163,840 parameters
-    "embed_int3": 0.3174,  # 163,840 parameters
-    "embed_int4": 0.4418,  # 163,840 parameters
-    "embed_int5": 0.5817,  # 163,840 parameters
-    "embed_int6": 0.7311,  # 163,840 parameters
-    "embed_int7": 0.8743,  # 163,840 parameters
-    "embed_int8": 1.0029,  # 163,840 parameters
-    "fp16": 1.8138,  # 353,312 parameters
-    "fp32": 3.4268,  # 1,598 parameters
-    "matrix_int2": 0.1187,  # 460,800 parameters
-    "matrix_int3": 0.2838,  # 460,800 parameters
-    "matrix_int4": 0.4262,  # 460,800 parameters
-    "matrix_int5": 0.5544,  # 460,800 parameters
-    "matrix_int6": 0.6783,  # 460,800 parameters
-    "matrix_int7": 0.8024,  # 460,800 parameters
-    "matrix_int8": 0.9271,  # 460,800 parameters
+    "embed_int2": 0.1598,  # 614,400 parameters
+    "embed_int3": 0.2898,  # 614,400 parameters
+    "embed_int4": 0.4114,  # 614,400 parameters
+    "embed_int5": 0.5572,  # 614,400 parameters
+    "embed_int6": 0.7082,  # 614,400 parameters
+    "embed_int7": 0.8536,  # 614,400 parameters
+    "embed_int8": 0.9861,  # 614,400 parameters
+    "fp16": 1.7822,  # 1,678,080 parameters
+    "fp32": 3.2761,  # 6,747 parameters
+    "matrix_int2": 0.1032,  # 4,548,608 parameters
+    "matrix_int3": 0.2728,  # 4,548,608 parameters
+    "matrix_int4": 0.4078,  # 4,548,608 parameters
+    "matrix_int5": 0.5570,  # 4,548,608 parameters
+    "matrix_int6": 0.6601,  # 4,548,608 parameters
+    "matrix_int7": 0.7833,  # 4,548,608 parameters
+    "matrix_int8": 0.9088,  # 4,548,608 parameters
 }
 
 
@@ -89,20 +89,20 @@ def config_settings(config: dict) -> dict[str, str]:
     return {k.upper(): ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in config.items()}
 
 
-def tensor_classes(tg, args) -> dict[str, list[tuple[str, int, int]]]:
-    """class -> [(name, numel, rows)] for the exported state dict, classes named like FACTORS keys."""
+def tensor_classes(tg, args) -> dict[str, list[int]]:
+    """class (a FACTORS key) -> the numel of each of its tensors in the exported state dict."""
     import torch
     with torch.device("meta"):
         model = tg.GPT(args)
     classes = defaultdict(list)
     for name, t in model.state_dict().items():
         bits = tg.quant_bits_for(name, t, args)
-        classes[tensor_class(tg, name, t, bits)].append((name, t.numel(), t.shape[0] if t.ndim else 1))
+        classes[tensor_class(tg, name, t, bits)].append(t.numel())
     return classes
 
 
 def tensor_class(tg, name: str, t, bits: int | None) -> str:
-    if bits is not None:
+    if bits is not None:  # lm_head joined EMBED_NAMES in later scripts; logs of earlier ones name it apart
         return f"{'embed' if name in tg.EMBED_NAMES or name == 'lm_head.weight' else 'matrix'}_int{bits}"
     return "fp16" if t.ndim == 2 else "fp32"
 
@@ -112,7 +112,7 @@ def predict(classes: dict) -> dict[str, int]:
     if missing:
         raise PlanError(f"no measured factor for {', '.join(missing)}: run `size_planner.py measure` on a "
                         "checkpoint with such tensors and add it to FACTORS")
-    return {c: round(sum(n for _, n, _ in tensors) * FACTORS[c]) for c, tensors in classes.items()}
+    return {c: round(sum(numels) * FACTORS[c]) for c, numels in classes.items()}
 
 
 # ----------------------------------------------------------------------------- plan
@@ -137,7 +137,7 @@ def plan(settings: dict[str, str], script: Path, packed: bool) -> int:
     total = HEADER_BYTES + sum(sizes.values()) + code
     print(f"{'class':<14}{'tensors':>8}{'params':>14}{'bytes/param':>13}{'bytes':>13}")
     for c in sorted(sizes, key=sizes.get, reverse=True):
-        params = sum(n for _, n, _ in classes[c])
+        params = sum(classes[c])
         print(f"{c:<14}{len(classes[c]):>8}{params:>14,}{FACTORS[c]:>13.4f}{sizes[c]:>13,}")
     print(f"{'header':<49}{HEADER_BYTES:>13,}")
     print(f"{'code' + (' (packed)' if packed else ''):<49}{code:>13,}")
@@ -146,8 +146,8 @@ def plan(settings: dict[str, str], script: Path, packed: bool) -> int:
         print(f"OVER THE CAP: predicted {total:,} > {CAP_BYTES:,} bytes", file=sys.stderr)
         return 2
     if total > CAP_BYTES * (1 - TOLERANCE):
-        print(f"WARNING: within the planner's {TOLERANCE:.0%} error of the cap: likely over; "
-              "the run will prune to fit (fit_to_cap) or stop", file=sys.stderr)
+        print(f"WARNING: within the planner's {TOLERANCE:.0%} error of the cap: it may not fit "
+              "(an over-cap run prunes to fit or stops)", file=sys.stderr)
     return 0
 
 
@@ -176,6 +176,15 @@ def check(log_paths: list[Path]) -> None:
         print(f"{str(path):<40}{predicted:>12,}{real:>12,}{predicted / real - 1:>+9.2%}")
 
 
+def quantize_all_at(tg, args, bits: int) -> None:
+    """Make every tensor that the export quantizes use `bits`: each class setting (*_BITS) and each
+    QUANT_OVERRIDES pattern (those keeping a tensor in fp16 stay)."""
+    for attr in [a for a in vars(type(args)) if a.endswith("_bits")]:
+        setattr(args, attr, bits)
+    if getattr(args, "quant_overrides", ""):
+        args.quant_overrides = ",".join(f"{p}:{16 if b >= 16 else bits}" for p, b in tg.quant_overrides(args))
+
+
 def measure(pairs: list[tuple[Path, Path]]) -> None:
     import torch
     import zstandard
@@ -187,10 +196,7 @@ def measure(pairs: list[tuple[Path, Path]]) -> None:
         size = lambda qstate: len(compress(tg.serialize_quantized(qstate)))  # noqa: E731
         header = size({})
         for bits in range(2, 9):
-            for attr in [a for a in vars(type(args)) if a.endswith("_bits")]:  # every class at `bits`
-                setattr(args, attr, bits)
-            if hasattr(args, "quant_overrides"):
-                args.quant_overrides = ""
+            quantize_all_at(tg, args, bits)
             qstate = tg.quantize_state_dict(state, args)
             groups = defaultdict(list)
             for name, t in state.items():
