@@ -626,8 +626,8 @@ class BigramHash(nn.Module):
         prev = F.pad(ids[:, :-1], (1, 0))
         h = (ids * 92821) ^ (prev * 689287)
         h = torch.remainder(h, self.size - 1)
-        return torch.where((prev == 0) & (torch.arange(ids.size(1), device=ids.device) == 0) | (ids == BOS_ID),
-                           self.size - 1, h)
+        start = (torch.arange(ids.size(1), device=ids.device) == 0) | (ids == BOS_ID)
+        return torch.where(start, self.size - 1, h)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.proj(self.embed(self.bucket(ids))) * self.scale
@@ -1272,6 +1272,8 @@ def main() -> None:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
         final_evaluation(label, validate, log, args, None)
+        if distributed:
+            dist.destroy_process_group()
         return
     if args.quant_only:
         try:
