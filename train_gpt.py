@@ -1095,22 +1095,21 @@ class WeightAverager:
     def __init__(self, model: nn.Module, args):
         self.args, self.model = args, model
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
-        self.swa, self.swa_count, self.last_swa_step = None, 0, -1
+        self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
     def update(self, step: int, scale: float) -> None:
         state = self.model.state_dict()
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - self.args.ema_decay)
-        if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0 \
-                and step != self.last_swa_step:
+        if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
             src = self.ema if (self.ema is not None and self.args.swa_from_ema) else {k: v.float() for k, v in state.items()}
             if self.swa is None:
                 self.swa = {k: v.clone() for k, v in src.items()}
             else:
                 for k, v in src.items():
                     self.swa[k].add_(v)
-            self.swa_count, self.last_swa_step = self.swa_count + 1, step
+            self.swa_count += 1
 
     def final(self) -> tuple[str, dict[str, Tensor]]:
         if self.swa is not None:
