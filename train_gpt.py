@@ -170,9 +170,37 @@ class Hyperparameters:
     eval_only = env("EVAL_ONLY", "")  # path of an artifact: load it and evaluate, no training
     quant_only = env("QUANT_ONLY", "")  # path of final_model.pt: re-quantize, export, evaluate
 
+    # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
+    final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
+    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the 8xH100 evaluation inside 600 s with
+    # the roundtrip (~3 s), sliding (~75 s), n-gram pass and audits (see records/BENCHMARKS.md).
+    ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
+    ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
+    ttt_epochs = env("TTT_EPOCHS", S(3, 1))
+    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")  # sgd | adamw
+    ttt_lr = env("TTT_LR", 0.002)
+    ttt_momentum = env("TTT_MOMENTUM", 0.9)
+    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)  # the first N blocks do not adapt
+    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))  # sequences per step, all ranks together
+    ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
+    ttt_lora_rank = env("TTT_LORA_RANK", 8)
+    ttt_lora_lr = env("TTT_LORA_LR", 0.01)
+    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
+    ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
+    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))  # documents adapted side by side
+    ttt_lora_min_doc = env("TTT_LORA_MIN_DOC", 0)  # shorter documents are scored without adapting
+    ttt_lora_max_doc = env("TTT_LORA_MAX_DOC", 0)  # longer ones too; 0: no limit
+    ngram_order = env("NGRAM_ORDER", 4)
+    ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
+    ngram_prior = env("NGRAM_PRIOR", 3.0)  # pseudo-counts of order k-1 in order k
+    ngram_eta = env("NGRAM_ETA", 0.01)  # step of the mixture weights per target
+    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)  # the n-gram experts' share before any update
+    ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
+    ngram_chunk = env("NGRAM_CHUNK", 512)
+
     # Runtime.
     compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
-    attn_backend = env("ATTN_BACKEND", "auto")  # auto | fa3 | fa2 | sdpa
+    attn_backend = env("ATTN_BACKEND", "auto")  # auto | fa3 | fa2 | sdpa | sdpa_{flash,cudnn,efficient,math}
 
     @property
     def train_files(self):
@@ -206,6 +234,10 @@ def ve_layer_indices(args) -> list[int]:
     if any(not -args.num_layers <= i < args.num_layers for i in idx):
         raise ConfigError(f"VE_LAYERS={args.ve_layers} has a layer outside 0..{args.num_layers - 1}")
     return sorted({i % args.num_layers for i in idx})
+
+
+def final_modes(args) -> list[str]:
+    return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
 def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
@@ -254,8 +286,26 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     for name in ("eval_only", "quant_only"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             err.append(f"{name.upper()}={getattr(args, name)}: no such file")
-    if args.attn_backend not in ("auto", "fa3", "fa2", "sdpa"):
-        err.append(f"ATTN_BACKEND={args.attn_backend} must be auto, fa3, fa2 or sdpa")
+    modes = final_modes(args)
+    bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
+    if bad or not modes:
+        err.append(f"FINAL_EVAL={args.final_eval}: each mode must be one of {', '.join(NETWORK_MODES)}, "
+                   "optionally followed by +ngram")
+    if args.ttt_optimizer not in ("sgd", "adamw"):
+        err.append(f"TTT_OPTIMIZER={args.ttt_optimizer} must be sgd or adamw")
+    if min(args.ttt_chunk_tokens, args.ttt_batch_seqs, args.ttt_lora_rank, args.ttt_lora_batch, args.ttt_lora_chunk) < 1:
+        err.append("TTT_CHUNK_TOKENS, TTT_BATCH_SEQS, TTT_LORA_RANK, TTT_LORA_BATCH and TTT_LORA_CHUNK must be >= 1")
+    if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
+        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}: "
+                   "a window must hold the whole chunk it scores")
+    if not 0 <= args.ttt_freeze_blocks <= args.num_layers or args.ttt_epochs < 0:
+        err.append(f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={args.num_layers} and TTT_EPOCHS >= 0")
+    if not 1 <= args.ngram_order <= 8 or min(args.ngram_buckets, args.ngram_entropy_bins, args.ngram_chunk) < 1:
+        err.append("NGRAM_ORDER must be in 1..8, NGRAM_BUCKETS, NGRAM_ENTROPY_BINS and NGRAM_CHUNK >= 1")
+    if args.ngram_prior <= 0 or not 0 < args.ngram_init_weight < 1:
+        err.append("NGRAM_PRIOR > 0 and 0 < NGRAM_INIT_WEIGHT < 1 are required")
+    if args.attn_backend not in ("auto", "fa3", "fa2", "sdpa", *(f"sdpa_{k}" for k in SDPA_KERNELS)):
+        err.append(f"ATTN_BACKEND={args.attn_backend} must be auto, fa3, fa2, sdpa or sdpa_{{{','.join(SDPA_KERNELS)}}}")
     if len(args.muon_ns_coeffs.split(",")) != 3:
         err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c")
     try:
@@ -476,13 +526,21 @@ def refresh_qat(layers: list[CastedLinear], ratios) -> None:
 ATTN_IMPL = {"name": "sdpa", "fn": None}
 
 
+SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
+
+
 def select_attention(requested: str, device) -> str:
-    """Pick FlashAttention 3, then 2, then SDPA (CPU always SDPA). An explicit request must be met."""
+    """Pick FlashAttention 3, then 2, then SDPA (CPU always SDPA). An explicit request must be met.
+    sdpa_<kernel> allows PyTorch's SDPA that one CUDA kernel only (set before compiling, so the
+    compiled graph holds it; on CPU it is plain sdpa); plain sdpa leaves the choice to PyTorch."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
-        if name == "sdpa":
-            ATTN_IMPL.update(name="sdpa", fn=None)
+        if name.startswith("sdpa"):
+            ATTN_IMPL.update(name=name, fn=None)
+            kernel = name.partition("_")[2]
+            for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
+                getattr(torch.backends.cuda, f"enable_{k}_sdp" if k != "efficient" else "enable_mem_efficient_sdp")(k == kernel)
             return name
         try:
             module = __import__(candidates[name][0])
@@ -672,7 +730,7 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
-    def logits(self, ids: Tensor) -> Tensor:
+    def logits(self, ids: Tensor, head_delta=None) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -692,22 +750,90 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        if head_delta is not None:  # a per-document LoRA on the head (eval_lora)
+            logits = logits + head_delta(x)
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Per-token cross-entropy in nats, shape (B, T)."""
+    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Per-token cross-entropy in nats, shape (B, T); the logits when no targets are given."""
         logits = self.logits(ids)
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# Sliding windows of EVAL_SEQ_LEN tokens every EVAL_STRIDE tokens. Window k scores the targets
-# from where window k-1 stopped to its own end, so every target is scored exactly once, each
-# with at least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context (except the first window's).
-# Stride = sequence length is the plain evaluation.
+# Every mode fills a ScoreSheet: the loss and entropy of the distribution scored for each target,
+# and how many times each target was scored. Modes (FINAL_EVAL names):
+#   roundtrip       windows of EVAL_SEQ_LEN tokens side by side (the plain evaluation);
+#   sliding_window  a window every EVAL_STRIDE tokens, each scoring the targets from where the
+#                   previous window stopped: every target once, with >= EVAL_SEQ_LEN - stride context;
+#   ttt             score-first chunked TTT: the sliding windows of a chunk are scored, then the
+#                   model trains on that chunk, so no target is scored by weights that saw it;
+#   lora            per-document LoRA TTT: each document in chunks, each chunk scored, then the
+#                   document's own fresh adapter trains on it; nothing crosses a document start;
+#   MODE+ngram      afterwards, in stream order, mix the network with online n-gram experts.
+# audit_eval_mode checks causality, exactly-once scoring and normalization of a mode on a random
+# stream; main() refuses a final score from a mode that fails it.
 # -----------------------------------------------------------------------------
+
+NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
+ISOLATED_MODES = ("lora",)  # modes that promise no information crosses a document start
+
+
+class EvalError(RuntimeError):
+    """An evaluation broke its contract (a target scored twice or never, a leak): no score."""
+
+
+class ScoreSheet:
+    def __init__(self, total: int, device):
+        self.nats = torch.zeros(total, device=device)
+        self.ent = torch.zeros(total, device=device)
+        self.hits = torch.zeros(total, dtype=torch.int32, device=device)
+        self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)| of a scored distribution
+
+    @torch.no_grad()
+    def record(self, pos: Tensor, logits: Tensor, y: Tensor) -> None:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        self.nats.index_add_(0, pos, -logp.gather(1, y[:, None]).squeeze(1))
+        self.ent.index_add_(0, pos, -(logp.exp() * logp).sum(1))
+        self.hits.index_add_(0, pos, torch.ones_like(pos, dtype=torch.int32))
+        if len(pos):
+            self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
+
+    def reduce(self) -> "ScoreSheet":
+        if dist.is_initialized():
+            for t in (self.nats, self.ent, self.hits):
+                dist.all_reduce(t)
+            dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
+        return self
+
+    def check_once(self) -> None:
+        bad = (self.hits != 1).nonzero()
+        if len(bad):
+            p = int(bad[0])
+            raise EvalError(f"{len(bad)} of {self.hits.numel()} targets not scored exactly once "
+                            f"(target {p} scored {int(self.hits[p])} times)")
+
+    def result(self, tokens: Tensor, luts) -> tuple[float, float]:
+        """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
+        self.check_once()
+        base_bytes, has_space, is_boundary = luts
+        x, y = tokens[:-1].to(self.nats.device), tokens[1:].to(self.nats.device)
+        nbytes = base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
+        nats = self.nats.double().sum().item()
+        return nats / y.numel(), nats / (math.log(2) * nbytes.sum().item())
+
+
+def autocast_ctx(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def share(n: int, rank: int, world_size: int) -> slice:
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
 
 def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """For `total` targets: window starts and the first target index each window scores."""
@@ -721,41 +847,385 @@ def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.n
 
 
 @torch.no_grad()
-def eval_val(args, model, val_tokens: Tensor, luts, rank: int, world_size: int, device,
-             seq_len: int, stride: int) -> tuple[float, float]:
-    base_bytes, has_space, is_boundary = luts
-    total = val_tokens.numel() - 1
-    seq_len = min(seq_len, total)
-    starts, score_from = window_plan(total, seq_len, stride)
-    lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
-    batch = max(1, args.val_batch_size // (world_size * seq_len))
-    offsets = torch.arange(seq_len + 1)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, tokens, bytes
-    was_training = model.training
-    model.eval()
-    for b in range(lo, hi, batch):
-        idx = np.arange(b, min(b + batch, hi))
-        pad = batch - len(idx)  # pad the last batch with a repeat, unscored, to keep shapes static
-        idx = np.concatenate((idx, np.full(pad, idx[-1])))
-        win = val_tokens[torch.from_numpy(starts[idx])[:, None] + offsets].to(device, non_blocking=True)
-        x, y = win[:, :-1], win[:, 1:]
-        pos = torch.from_numpy(starts[idx])[:, None] + torch.arange(seq_len)
-        scored = (pos >= torch.from_numpy(score_from[idx])[:, None]).to(device)
-        scored[len(idx) - pad:] = False
+def score_windows(model, tokens: Tensor, starts: np.ndarray, score_from: np.ndarray, seq_len: int,
+                  sheet: ScoreSheet, batch: int, device) -> None:
+    """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
+    offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
+    for b in range(0, len(starts), batch):
+        s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
+        pad = batch - len(s)  # repeat the last window, unscored: one shape, one compiled graph
+        s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
+        win = tokens[s[:, None] + offsets].to(device, non_blocking=True)
+        pos = (s[:, None] + ar).to(device)
+        keep = pos >= f.to(device)[:, None]
         with autocast_ctx(device):
-            nats = model(x, y).double()
-        nbytes = base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
-        sums += torch.stack(((nats * scored).sum(), scored.sum().double(), (nbytes * scored).sum()))
+            logits = model(win[:, :-1])
+        sheet.record(pos[keep], logits[keep], win[:, 1:][keep])
+
+
+def eval_windows(args, model, tokens: Tensor, sheet: ScoreSheet, stride: int, rank: int, world_size: int, device) -> None:
+    total = tokens.numel() - 1
+    seq_len = min(args.eval_seq_len, total)
+    starts, score_from = window_plan(total, seq_len, stride)
+    mine = share(len(starts), rank, world_size)
+    batch = max(1, args.val_batch_size // (world_size * seq_len))
+    score_windows(model, tokens, starts[mine], score_from[mine], seq_len, sheet, batch, device)
+
+
+class Budget:
+    """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would
+    not cover scoring the rest (projected from the scoring so far), so no target is ever skipped."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
+
+    def adapt_ok(self, frac_scored: float, step_s: float) -> bool:
+        if self.seconds <= 0:
+            return True
+        rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
+        return time.perf_counter() - self.t0 + 1.2 * rest + step_s < self.seconds
+
+
+def eval_ttt(args, model, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, rank: int, world_size: int,
+             device, log) -> None:
+    """Score-first chunked TTT. A window belongs to the chunk of its first scored target, so by the
+    time the model trains on chunk c every target of chunk c (and no later one) has been scored."""
+    total = tokens.numel() - 1
+    seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
+    starts, score_from = window_plan(total, seq_len, args.eval_stride)
+    n_chunks = -(-total // C)
+    chunk_of = score_from // C
+    frozen = {id(p) for blk in base_model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
+    params = [p for p in base_model.parameters() if id(p) not in frozen]
+    for p in base_model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    if args.ttt_optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0)
+    budget, batch = Budget(args.ttt_max_seconds), max(1, args.val_batch_size // (world_size * seq_len))
+    adapting, step_s, stopped_at = True, 0.0, None
+    for c in range(n_chunks):
+        t = time.perf_counter()
+        sel = np.flatnonzero(chunk_of == c)[share(int((chunk_of == c).sum()), rank, world_size)]
+        score_windows(model, tokens, starts[sel], score_from[sel], seq_len, sheet, batch, device)
+        budget.score_s += time.perf_counter() - t
+        if c == n_chunks - 1:
+            break
+        ok = torch.tensor(float(adapting and budget.adapt_ok((c + 1) / n_chunks, step_s)), device=device)
+        if world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank stops adapting at the same chunk
+        if not ok.item():
+            adapting, stopped_at = False, stopped_at if stopped_at is not None else c
+            continue
+        t = time.perf_counter()
+        # Train on sequences whose targets all lie before `hi`: every one of them is scored by now.
+        lo, hi = c * C, (c + 1) * C
+        n_tok = min(seq_len, hi)
+        seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
+        lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        mine = seq_starts[rank::world_size]
+        steps = -(-len(seq_starts) // (world_size * args.ttt_batch_seqs))
+        for _ in range(args.ttt_epochs):
+            for i in range(steps):
+                s = torch.from_numpy(mine[i * args.ttt_batch_seqs:(i + 1) * args.ttt_batch_seqs])
+                n_global = min(args.ttt_batch_seqs * world_size, len(seq_starts) - i * args.ttt_batch_seqs * world_size)
+                opt.zero_grad(set_to_none=False)
+                if len(s):
+                    win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
+                    with autocast_ctx(device):
+                        loss = model(win[:, :-1], win[:, 1:]).sum() / (n_global * n_tok)
+                    loss.backward()
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    if world_size > 1:
+                        dist.all_reduce(p.grad)
+                if args.ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+                opt.step()
+        step_s = time.perf_counter() - t
+    for p in base_model.parameters():
+        p.requires_grad_(True)
+    if stopped_at is not None:
+        log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
+            f"{stopped_at}/{n_chunks}, scoring went on")
+
+
+def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Documents as target ranges [start, end): a document's inputs start at its BOS, and its
+    last target is the next document's BOS."""
+    total = tokens.numel() - 1
+    starts = np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
+    if not len(starts) or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return starts, np.append(starts[1:], total)
+
+
+class DocLoRA(nn.Module):
+    """Rank-r adapters, one set per document of a batch, on every attention's Q and V and on the
+    LM head. B starts at zero, so a fresh adapter leaves the base model unchanged."""
+
+    def __init__(self, model, n_docs: int, rank: int, device):
+        super().__init__()
+        self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
+        shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
+        g = torch.Generator().manual_seed(0)  # the same start for every document: scores do not depend on batching
+        self.A = nn.ParameterList((torch.randn(1, i, rank, generator=g) / math.sqrt(i)).repeat(n_docs, 1, 1).to(device)
+                                  for i, _ in shapes)
+        self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
+
+    def delta(self, k: int, x: Tensor) -> Tensor:
+        return (x @ self.A[k].to(x.dtype)) @ self.B[k].to(x.dtype)
+
+    def attach(self) -> list:
+        return [m.register_forward_hook(lambda mod, inp, out, k=k: out + self.delta(k, inp[0]))
+                for k, m in enumerate(self.targets)]
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.delta(len(self.targets), x)
+
+
+def eval_lora(args, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, rank: int, world_size: int,
+              device, log) -> None:
+    """Per-document score-first LoRA TTT. Documents are dealt to ranks longest first (balancing
+    the load) and batched with documents of similar length. Chunk i of every document in the batch
+    is scored by adapters trained on chunks < i only, then one Adam step trains on it. Runs the
+    eager model: hooks change its graph, so no graph compiled for the base model is reused."""
+    starts, ends = doc_spans(tokens)
+    lens = ends - starts
+    mine = np.argsort(-lens, kind="stable")[rank::world_size]
+    C, L, total = args.ttt_lora_chunk, args.ttt_lora_seq_len, tokens.numel() - 1
+    max_doc = args.ttt_lora_max_doc or total
+    budget, step_s, skipped = Budget(args.ttt_max_seconds), 0.0, 0
+    frozen = [p for p in base_model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    my_tokens, scored_tokens = max(int(lens[mine].sum()), 1), 0
+    for b in range(0, len(mine), args.ttt_lora_batch):
+        docs = mine[b:b + args.ttt_lora_batch]
+        s0, n = torch.from_numpy(starts[docs]), torch.from_numpy(lens[docs])
+        lora = DocLoRA(base_model, len(docs), args.ttt_lora_rank, device)
+        opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.9, 0.95))
+        adapt = (n >= args.ttt_lora_min_doc) & (n <= max_doc)
+        hooks = lora.attach()
+        for i in range(-(-int(n.max()) // C)):
+            t = time.perf_counter()
+            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # this chunk's doc-relative targets [q0, qe)
+            w0 = torch.clamp(qe - L, min=0)
+            T = int((qe - w0).max())
+            q = w0[:, None] + torch.arange(T)  # doc-relative input positions of the window
+            valid = q < qe[:, None]
+            pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
+            x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
+            scored = (valid & (q >= q0)).to(device)
+            with autocast_ctx(device):
+                logits = base_model.logits(x, head_delta=lora.head)
+            sheet.record(pos.to(device)[scored], logits[scored].detach(), y[scored])
+            budget.score_s += time.perf_counter() - t
+            scored_tokens += int(scored.sum())
+            train = adapt & (n > (i + 1) * C)  # documents with chunks still to score
+            if train.any() and budget.adapt_ok(scored_tokens / my_tokens, step_s):
+                t = time.perf_counter()
+                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+                w = (scored & train.to(device)[:, None]).float()
+                loss = ((nll * w).sum(1) / w.sum(1).clamp_min(1)).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step_s = time.perf_counter() - t
+            elif train.any():
+                skipped += int(train.sum())
+        for h in hooks:
+            h.remove()
+    for p in frozen:
+        p.requires_grad_(True)
+    if skipped:
+        log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {rank}: "
+            f"{skipped} document chunks scored without adaptation")
+
+
+class NgramMixer:
+    """Online n-gram experts mixed with the network, run over the stream in order after the network
+    scored it. Order k (1..NGRAM_ORDER) counts, among the targets already scored, what followed the
+    same k-1 tokens (hashed into NGRAM_BUCKETS rows from order 3; a context never reaches back past
+    a BOS), smoothed towards order k-1 by NGRAM_PRIOR pseudo-counts (order 1 towards uniform): each
+    expert, and so the mixture, sums to 1 over the vocabulary. The mixture weights live per bin of
+    the network's entropy (how far to trust the network depends on its own confidence). They follow
+    the Hedge (multiplicative weights) update on the mixture's log loss in its linear form, which is
+    online EM: stable where the exponential form diverges on rare large gradients, and unlike Hedge
+    on each expert's own loss it does not collapse onto the best single expert (measured in
+    records/BENCHMARKS.md). Weights and counts are updated after each chunk of NGRAM_CHUNK targets;
+    inside a chunk a target's counts include the chunk's earlier targets: exactly online experts."""
+
+    def __init__(self, args, device):
+        V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
+        self.rows = [1] + [min(args.ngram_buckets, (V + 1) ** (k - 1)) for k in range(2, self.order + 1)]
+        self.counts = [torch.zeros(r, V, dtype=torch.int32, device=device) for r in self.rows]
+        self.totals = [torch.zeros(r, dtype=torch.float64, device=device) for r in self.rows]
+        self.prior, self.eta, self.bins = args.ngram_prior, args.ngram_eta, args.ngram_entropy_bins
+        w0 = torch.tensor([1.0 - args.ngram_init_weight] + [args.ngram_init_weight / self.order] * self.order)
+        self.w = w0.to(device).expand(self.bins, -1).clone()  # (bins, 1 + order), network first
+        self.norm_err = 0.0
+
+    def keys(self, x_ext: Tensor) -> list[Tensor]:
+        """Context row of every order for the positions of x_ext[order-2:] (x_ext: inputs, with the
+        order-2 tokens before them; V pads the stream start)."""
+        back, V = self.order - 2, self.V
+        n = len(x_ext) - max(back, 0)
+        idx = torch.arange(len(x_ext), device=x_ext.device)
+        last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
+        keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
+        for j in range(self.order - 1):  # context token x[t - j], a pad once a BOS lies after it
+            tok = x_ext[back - j:back - j + n]
+            code = code * (V + 1) + torch.where(last_bos <= idx[back - j:back - j + n], tok, V)
+            rows = self.rows[j + 1]
+            keys.append(code if (V + 1) ** (j + 1) <= rows else torch.remainder(code * 2654435761, rows))
+        return keys
+
+    def expert_probs(self, keys: list[Tensor], y: Tensor, cand: Tensor) -> Tensor:
+        """(order, T, J): each order's probability of the candidate tokens cand (T, J)."""
+        T = len(y)
+        earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
+        p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
+        for k, key in enumerate(keys):
+            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier targets of this chunk, same context
+            if cand.size(1) == 1:  # the scoring path: only the target's count
+                seen = (same * (y[None, :] == cand)).sum(1, keepdim=True)
+            else:
+                seen = (same @ F.one_hot(y, self.V).float()).gather(1, cand)
+            cnt = self.counts[k][key[:, None], cand].float() + seen
+            tot = self.totals[k][key].float() + same.sum(1)
+            p = (cnt + self.prior * p) / (tot + self.prior)[:, None]
+            out.append(p)
+        return torch.stack(out)
+
+    def count(self, keys: list[Tensor], y: Tensor) -> None:
+        for k, key in enumerate(keys):
+            self.counts[k].index_put_((key, y), torch.ones_like(y, dtype=torch.int32), accumulate=True)
+            self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
+
+    def step(self, keys: list[Tensor], y: Tensor, net_nats: Tensor, ent: Tensor, full: bool) -> Tensor:
+        """Mixture loss of a chunk of targets, then the update. `full` also computes every expert's
+        whole row, to check that the mixture sums to 1 and agrees with the scoring path at the target."""
+        V, T = self.V, len(y)
+        pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
+        b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
+        w = self.w[b]  # (T, 1 + order)
+        p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
+        mix = (w * p_y).sum(1)
+        if full:  # the network's rows are checked where they are scored (ScoreSheet.record)
+            rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))
+            mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
+            at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)
+            self.norm_err = max(self.norm_err, (mass - 1).abs().max().item(), (at_y - pk).abs().max().item())
+            # A fingerprint of the whole mixed distribution, for the audit (the network's part by its entropy).
+            probe = torch.linspace(0, 1, V, device=y.device)
+            self.fingerprint = w[:, 0] * ent + (w[:, 1:] * (rows * probe).sum(2).T).sum(1)
+        # Multiplicative weights in their linear form (online EM of the mixture weights): each target
+        # moves its bin's weights towards each expert's share of the mixture's probability of it.
+        share_y = w * p_y / mix[:, None]
+        n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
+        self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
+        self.count(keys, y)
+        return -torch.log(mix)
+
+
+def ngram_mix(args, sheet: ScoreSheet, tokens: Tensor, rank: int, world_size: int, device, full: bool, log) -> None:
+    """Replace the sheet's losses with the mixture's. Each rank mixes one contiguous segment of the
+    stream, its counts first filled from every target before the segment."""
+    t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
+    x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
+    y = tokens[1:].to(device)
+    mixer, seg = NgramMixer(args, device), share(total, rank, world_size)
+    out, fingerprint = torch.zeros_like(sheet.nats), torch.zeros_like(sheet.ent)
+    for p0 in range(0, seg.start, 1 << 20):
+        p1 = min(p0 + (1 << 20), seg.start)
+        mixer.count(mixer.keys(x[p0:p1 + back]), y[p0:p1])
+    for p0 in range(seg.start, seg.stop, args.ngram_chunk):
+        p1 = min(p0 + args.ngram_chunk, seg.stop)
+        out[p0:p1] = mixer.step(mixer.keys(x[p0:p1 + back]), y[p0:p1], sheet.nats[p0:p1], sheet.ent[p0:p1], full)
+        if full:
+            fingerprint[p0:p1] = mixer.fingerprint
+    norm_err = torch.tensor(mixer.norm_err, device=device)
     if world_size > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    nats, tokens, nbytes = sums.tolist()
-    assert int(tokens) == total, f"scored {int(tokens)} of {total} targets"
-    return nats / tokens, nats / (math.log(2) * nbytes)
+        for t in (out, fingerprint):
+            dist.all_reduce(t)
+        dist.all_reduce(norm_err, op=dist.ReduceOp.MAX)
+    sheet.nats, sheet.ent = out, fingerprint if full else sheet.ent
+    sheet.norm_err = torch.maximum(sheet.norm_err, norm_err.to(sheet.norm_err.dtype))
+    log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
-def autocast_ctx(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def run_eval_mode(mode: str, args, model, base_model: nn.Module, tokens: Tensor, rank: int, world_size: int,
+                  device, log, full: bool = False) -> ScoreSheet:
+    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
+    net, _, mix = mode.partition("+")
+    sheet = ScoreSheet(tokens.numel() - 1, device)
+    if net == "ttt":
+        snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        eval_ttt(args, model, base_model, tokens, sheet, rank, world_size, device, log)
+        base_model.load_state_dict(snapshot)
+    elif net == "lora":
+        eval_lora(args, base_model, tokens, sheet, rank, world_size, device, log)
+    else:
+        stride = args.eval_seq_len if net == "roundtrip" else args.eval_stride
+        eval_windows(args, model, tokens, sheet, stride, rank, world_size, device)
+    sheet.reduce()
+    if mix:
+        ngram_mix(args, sheet, tokens, rank, world_size, device, full, log)
+    return sheet
+
+
+def audit_eval_mode(mode: str, run, args, log) -> None:
+    """Run a mode (run(tokens) -> reduced ScoreSheet, every vocabulary row checked) on a random
+    stream of documents: twice as is (the spread of nondeterministic kernels sets the tolerance),
+    once with the tokens from position t + 1 on redrawn (nothing scored before t, nor the
+    distribution scored at t, may move) and, for
+    a mode that promises document isolation, once with the tokens before a BOS redrawn (nothing
+    after it may move). Document starts stay in place. Raises EvalError on a leak, a target not
+    scored exactly once or a distribution that does not sum to 1."""
+    t0, V, L = time.perf_counter(), args.vocab_size, args.eval_seq_len
+    g = torch.Generator().manual_seed(args.seed)
+    n = max(4 * L, 5 * args.ttt_chunk_tokens // 2 if mode.startswith("ttt") else 0)
+    tokens = torch.randint(2, V, (n + 1,), generator=g)
+    bos = torch.cumsum(torch.randint(max(L // 8, 2), 2 * L, (n // 2,), generator=g), 0)
+    tokens[torch.cat((torch.zeros(1, dtype=torch.int64), bos[bos <= n]))] = BOS_ID
+
+    def redraw(where: Tensor) -> Tensor:
+        out = tokens.clone()
+        sel = where & (tokens != BOS_ID)
+        out[sel] = torch.randint(2, V, (n + 1,), generator=g)[sel]
+        return out
+
+    idx, t = torch.arange(n + 1), n // 2
+    a, again, b = run(tokens), run(tokens), run(redraw(idx > t))
+    for s in (a, again, b):
+        s.check_once()
+    noise = max((a.nats - again.nats).abs().max().item(), (a.ent - again.ent).abs().max().item())
+    tol = 4 * noise + 1e-6
+    # Tokens from t + 1 on changed: the losses before t, and the distribution scored at t (its
+    # fingerprint `ent`: it must not depend on its own target either), may not move.
+    leak = max((a.nats - b.nats)[:t].abs().max().item(), (a.ent - b.ent)[:t + 1].abs().max().item())
+    norm = max(s.norm_err.item() for s in (a, again, b))
+    problems = []
+    if leak > tol:
+        problems.append(f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed")
+    if norm > 1e-3:
+        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1 over the vocabulary")
+    isolation = "n/a"
+    if mode in ISOLATED_MODES:
+        start = int(bos[(bos > t) & (bos < n - 1)][0]) if ((bos > t) & (bos < n - 1)).any() else t
+        cross = (a.nats - run(redraw(idx < start)).nats)[start:].abs().max().item()
+        isolation = f"{cross:.1e}"
+        if cross > tol:
+            problems.append(f"losses after the BOS at {start} moved by {cross:.2e} nats when only earlier documents changed")
+    if problems:
+        raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit and cannot give a score: " + "; ".join(problems))
+    log(f"eval_audit:{mode} ok tokens:{n} causal_diff:{leak:.1e} noise:{noise:.1e} norm_err:{norm:.1e} "
+        f"bos_diff:{isolation} scored_once:ok time:{time.perf_counter() - t0:.1f}s")
 
 
 # -----------------------------------------------------------------------------
@@ -1078,6 +1548,35 @@ def build_optimizers(model: GPT, args, fused: bool):
     return optimizers + [muon], muon
 
 
+def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: int, device) -> Tensor:
+    """Gradients of the mean loss over grad_accum_steps micro-batches (a DDP model syncs them on the
+    last); returns the mean loss, on the device."""
+    total = torch.zeros((), device=device)
+    for micro in range(grad_accum_steps):
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = micro == grad_accum_steps - 1
+        x, y = loader.next_batch(local_tokens, args.train_seq_len)
+        with autocast_ctx(device):
+            loss = model(x, y).mean()
+        (loss / grad_accum_steps).backward()
+        total += loss.detach() / grad_accum_steps
+    return total
+
+
+def optimizer_step(base_model: nn.Module, optimizers, muon, args, step: int, scale: float) -> None:
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+    for g in muon.param_groups:
+        g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def lr_scale(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
     """1 until the warmdown, then linear to 0 at ITERATIONS or, with a wallclock cap, at the cap
     (the warmdown length in time estimated from the mean step time so far)."""
@@ -1235,42 +1734,25 @@ def main() -> None:
     local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
 
     def train_step(step: int, scale: float) -> Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for micro in range(grad_accum_steps):
-            if distributed:
-                model.require_backward_grad_sync = micro == grad_accum_steps - 1
-            x, y = train_loader.next_batch(local_tokens, args.train_seq_len)
-            with autocast_ctx(device):
-                loss = model(x, y).mean()
-            (loss / grad_accum_steps).backward()
-            total += loss.detach() / grad_accum_steps
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
-        for g in muon.param_groups:
-            g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        return total
+        loss = forward_backward(model, train_loader, args, grad_accum_steps, local_tokens, device)
+        optimizer_step(base_model, optimizers, muon, args, step, scale)
+        return loss
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def validate(stride) -> tuple[float, float]:
-        return eval_val(args, compiled, val_tokens, luts, rank, world_size, device, args.eval_seq_len, stride)
+    def evaluate(mode: str, tokens: Tensor | None = None, full: bool = False):
+        """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
+        sheet = run_eval_mode(mode, args, compiled, base_model, val_tokens if tokens is None else tokens,
+                              rank, world_size, device, log, full)
+        return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
     label = f"int{max(args.attn_bits, args.mlp_bits)}_{args.compressor}"  # names the final log lines
     if args.eval_only:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
-        final_evaluation(label, validate, log, args, None)
+        final_evaluation(label, evaluate, log, args, None)
         if distributed:
             dist.destroy_process_group()
         return
@@ -1296,7 +1778,7 @@ def main() -> None:
         reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
         cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
         training_time_ms, stop_after_step, step, qat_on = 0.0, None, 0, False
-        pending = None  # last step's [loss, reached_cap], read one step late so the host never stalls the GPU
+        pending = None  # last step's [loss, reached_cap] (a HostCopy), read one step late: the host never stalls the GPU
         sync()
         t0 = time.perf_counter()
         while True:
@@ -1304,7 +1786,7 @@ def main() -> None:
             if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
                 sync()
                 training_time_ms += 1000 * (time.perf_counter() - t0)
-                val_loss, val_bpb = validate(args.eval_seq_len)
+                val_loss, val_bpb = evaluate("roundtrip")
                 log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                     f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
                 sync()
@@ -1324,19 +1806,20 @@ def main() -> None:
             averager.update(step, scale)
             step += 1
             approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-            flags = torch.stack((loss.float(), torch.tensor(float(cap_ms is not None and approx_ms >= cap_ms), device=device)))
+            if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
+                stop_after_step = check_step(step - 1, pending.get(), step, stop_after_step, log)
+            # torch.full launches a fill: torch.tensor(x, device=cuda) would copy from the host and sync.
+            flags = torch.stack((loss.float(), torch.full((), float(cap_ms is not None and approx_ms >= cap_ms), device=device)))
             if distributed:
                 dist.all_reduce(flags)  # a NaN on any rank reaches every rank, so all stop together
-            if pending is not None:
-                stop_after_step = check_step(step - 1, pending, step, stop_after_step, log)
-            pending = flags
+            pending = HostCopy(flags)
             if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
                 train_loss = flags[0].item() / world_size
                 remaining = f" remaining:{max(cap_ms - approx_ms, 0) / 1000:.0f}s" if cap_ms is not None else ""
                 log(f"step:{step}/{args.iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
                     f"step_avg:{approx_ms / step:.2f}ms{remaining}")
         if pending is not None:
-            check_step(step, pending, step, stop_after_step, log)
+            check_step(step, pending.get(), step, stop_after_step, log)
         if device.type == "cuda":
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1346,7 +1829,7 @@ def main() -> None:
         m.qat_delta.zero_()
 
     t = time.perf_counter()
-    val_loss, val_bpb = validate(args.eval_seq_len)
+    val_loss, val_bpb = evaluate("roundtrip")
     log(f"final_weights:{source} pre_quant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     if master and not args.quant_only:
@@ -1379,32 +1862,58 @@ def main() -> None:
     log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
     if final_state is not qstate:  # fit-to-cap pruned: measure what it cost
         base_model.load_state_dict(dequantize_state_dict(qstate))
-        _, unpruned_bpb = validate(args.eval_seq_len)
+        _, unpruned_bpb = evaluate("roundtrip")
         log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
     if distributed:
         dist.barrier()
     load_artifact(artifact, base_model)  # score exactly what was written
-    final_evaluation(label, validate, log, args, val_bpb)
+    final_evaluation(label, evaluate, log, args, val_bpb)
     if distributed:
         dist.destroy_process_group()
 
 
-def final_evaluation(label: str, validate, log, args, pre_quant_bpb: float | None) -> None:
-    """Score the loaded (round-tripped) model: plain, then sliding windows. The greppable final lines."""
-    for name, stride in (("roundtrip", args.eval_seq_len), ("sliding_window", args.eval_stride)):
+def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | None) -> None:
+    """Score the loaded (round-tripped) model with every FINAL_EVAL mode, each audited first on a
+    random stream (a mode that fails gives no score). The greppable final lines."""
+    t0, modes = time.perf_counter(), final_modes(args)
+    for mode in modes:
+        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, full=True), args, log)
+    for mode in modes:
         t = time.perf_counter()
-        loss, bpb = validate(stride)
-        log(f"final_{label}_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{stride} "
+        loss, bpb = evaluate(mode)
+        name = mode.replace("+", "_")
+        stride = {"roundtrip": f" stride:{args.eval_seq_len}", "sliding_window": f" stride:{args.eval_stride}"}
+        log(f"final_{label}_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{stride.get(mode, '')} "
             f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
         log(f"final_{label}_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        if name == "roundtrip" and pre_quant_bpb is not None:
+        if mode == "roundtrip" and pre_quant_bpb is not None:
             log(f"quant_gap val_bpb:{bpb - pre_quant_bpb:+.5f}")
-    log("final_eval:done")  # a run killed during its last evaluation lacks this line
+    log(f"final_eval:done total_eval_time:{time.perf_counter() - t0:.1f}s")  # missing if killed while evaluating
 
 
-def check_step(done_step: int, flags: Tensor, step: int, stop_after_step, log):
+class HostCopy:
+    """A small device tensor on its way to the host, copied behind the work queued so far: reading
+    it a step later waits for that step only, never for the step in flight."""
+
+    def __init__(self, t: Tensor):
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.clone()
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def check_step(done_step: int, flags: list[float], step: int, stop_after_step, log):
     """Act on a finished step's [loss sum, reached-cap count]: stop on a non-finite loss, note the cap."""
-    loss, capped = flags.tolist()
+    loss, capped = flags
     if not math.isfinite(loss):
         log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
             "Lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data.")
@@ -1415,6 +1924,6 @@ def check_step(done_step: int, flags: Tensor, step: int, stop_after_step, log):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
         LOG(f"error: {e}", console=False)
         sys.exit(f"error: {e}")

@@ -3,7 +3,7 @@
     python3 records/compare_runs.py logs/*.txt [--plot curves.png] [--x step]
 
 Table (markdown), best submission score first: run id, seed, status, steps, ms/step, val_bpb before
-quantization and of each kind of final score present (plain round trip, sliding window, TTT;
+quantization and of each final evaluation mode present (roundtrip, sliding_window, ttt, ...;
 runlog.py says which one is the submission score), code + model bytes, and ">CAP" for an artifact
 over 16,000,000 bytes. The plot (needs matplotlib: pip install -r records/requirements.txt) shows
 the training loss and the validation val_bpb of each run against training time or step.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlog import SCORE_KINDS, LogError, RunLog, read_log  # noqa: E402
+from runlog import LogError, RunLog, read_log  # noqa: E402
 
 
 def fmt(value, spec: str) -> str:
@@ -23,7 +23,7 @@ def fmt(value, spec: str) -> str:
 
 
 def table(runs: list[RunLog]) -> str:
-    kinds = [k for k in reversed(SCORE_KINDS) if any(r.final(k) for r in runs)]  # plain, sliding, ttt
+    kinds = list(dict.fromkeys(f.kind for r in runs for f in r.finals))  # FINAL_EVAL modes, in run order
     head = ["run", "seed", "status", "steps", "ms/step", "pre-quant bpb", *(f"{k} bpb" for k in kinds),
             "bytes", "cap"]
     rows = []

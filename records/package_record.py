@@ -55,7 +55,7 @@ class PackageError(Exception):
 # ----------------------------------------------------------------------------- settings and defaults
 
 def eval_default(node: ast.expr, config: dict):
-    """The value of an env() default as the script resolved it: literals, arithmetic, S(full, smoke)
+    """The value of an env() default as the script resolved it: literals, arithmetic, min/max, S(full, smoke)
     (picked by the logged `smoke`), and names of other settings (EVAL_SEQ_LEN defaults to the
     resolved train_seq_len). Anything else raises ValueError."""
     if isinstance(node, ast.Constant):
@@ -67,6 +67,8 @@ def eval_default(node: ast.expr, config: dict):
         return BINOPS[type(node.op)](eval_default(node.left, config), eval_default(node.right, config))
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "S" and len(node.args) == 2:
         return eval_default(node.args[1] if config.get("smoke") else node.args[0], config)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
+        return (min if node.func.id == "min" else max)(eval_default(a, config) for a in node.args)
     if isinstance(node, ast.Name) and node.id.lower() in config:
         return config[node.id.lower()]
     raise ValueError(ast.unparse(node))

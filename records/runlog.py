@@ -4,9 +4,8 @@ A log is: the script's source as run, "\n", a line of 100 "=", then `Running Pyt
 `config {json}` line and the log lines proper. Each quantity is read by exactly one pattern below,
 only from the part after the code snapshot (the source itself contains these strings).
 
-The submission score is the last `final_*_exact` line of the highest-ranked kind present, ranked
-ttt > sliding > plain: the script runs its evaluations from plain to most elaborate, and later
-issues add kinds (e.g. `final_..._ttt_exact`) after the sliding one.
+The submission score is the last `final_*_exact` line: the script scores the modes of FINAL_EVAL
+in order, and its README says to list the scoring mode last.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from pathlib import Path
 
 SEPARATOR = "=" * 100
 CAP_BYTES = 16_000_000  # the challenge's limit on code + compressed model (decimal, not MiB)
-SCORE_KINDS = ("ttt", "sliding", "plain")  # highest precedence first
 
 PATTERNS = {
     "runtime": re.compile(r"^Running Python (\S+) PyTorch (\S+) device:(\S+)$"),
@@ -50,7 +48,8 @@ class Final:
 
     @property
     def kind(self) -> str:
-        return "ttt" if "ttt" in self.name else "sliding" if "sliding" in self.name else "plain"
+        """The FINAL_EVAL mode, "+" written "_": roundtrip, sliding_window, ttt_ngram, ..."""
+        return self.name.split("_", 2)[-1]
 
 
 @dataclass
@@ -100,12 +99,8 @@ class RunLog:
         return f"{self.world_size or 1}x {self.device}"
 
     def score(self) -> Final | None:
-        """The submission score: see the module docstring for the precedence."""
-        for kind in SCORE_KINDS:
-            of_kind = [f for f in self.finals if f.kind == kind]
-            if of_kind:
-                return of_kind[-1]
-        return None
+        """The submission score: the last final line (see the module docstring)."""
+        return self.finals[-1] if self.finals else None
 
     def final(self, kind: str) -> Final | None:
         of_kind = [f for f in self.finals if f.kind == kind]

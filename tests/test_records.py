@@ -25,7 +25,8 @@ from pack_script import pack, unpack  # noqa: E402
 # Every setting differs from its (non-smoke) default, so each must appear in the packaged command.
 TINY = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=64,
             TRAIN_BATCH_TOKENS=1024, ITERATIONS=4, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0,
-            BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096)
+            BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096,
+            FINAL_EVAL="roundtrip,sliding_window")
 # A trained small model whose MLP matrices are quantized (176 x 528 > 65,536 entries); the planner's
 # factors were measured on other shapes and seeds (records/BENCHMARKS.md (Records tools)). No smoke
 # QUANT_OVERRIDES: quantizing matrices under 65,536 entries is a smoke-test device, not a plan.
@@ -94,17 +95,17 @@ def test_read_log_takes_every_number_from_the_run(runs):
     assert run.code == runs["script"].read_text(encoding="utf-8")
     assert run.code_bytes == len(run.code.encode()) and run.model_bytes + run.code_bytes == run.total_bytes
     assert run.config["num_layers"] == 2 and run.seed == 1337 and run.steps == 4 and run.world_size == 1
-    assert [f.kind for f in run.finals] == ["plain", "sliding"] and run.score() is run.finals[-1]
+    assert [f.kind for f in run.finals] == ["roundtrip", "sliding_window"] and run.score() is run.finals[-1]
     assert run.failure() is None and not run.over_cap()
 
 
-def test_score_precedence_is_ttt_then_sliding_then_plain(runs, tmp_path):
+def test_score_is_the_last_final_eval_mode(runs, tmp_path):
     log = edited(runs["plain"], tmp_path / "ttt.txt", subs=[
-        (r"^(final_\S+_sliding_window_exact .*)$", r"\1\nfinal_int6_zstd_ttt_exact val_loss:1.00000000 val_bpb:0.90000000")])
+        (r"^(final_\S+_sliding_window_exact .*)$", r"\1\nfinal_int6_zstd_ttt_ngram_exact val_loss:1.00000000 val_bpb:0.90000000")])
     run = runlog.read_log(log)
-    assert run.score().name == "int6_zstd_ttt" and run.score().val_bpb == 0.9
-    run.finals = [f for f in run.finals if f.kind == "plain"]
-    assert run.score().kind == "plain"
+    assert run.score().name == "int6_zstd_ttt_ngram" and run.score().kind == "ttt_ngram" and run.score().val_bpb == 0.9
+    run.finals = [f for f in run.finals if f.kind == "roundtrip"]
+    assert run.score().kind == "roundtrip"
 
 
 def test_not_a_log_is_refused(tmp_path):
@@ -294,10 +295,44 @@ def test_compare_runs_table_flags_failures_and_the_cap(runs, tmp_path):
                     subs=[(r'"run_id": "run"', '"run_id": "bad"'), (r"\Z", "error: boom\n")])
     table = compare_runs.table([runlog.read_log(p) for p in (failed, over, runs["plain"])])
     rows = table.splitlines()
-    assert "plain bpb" in rows[0] and "sliding bpb" in rows[0] and "ttt bpb" not in rows[0]
+    assert "roundtrip bpb" in rows[0] and "sliding_window bpb" in rows[0] and "ttt bpb" not in rows[0]
     assert rows[2].startswith("| big |") and rows[2].endswith("| 16,000,001 | >CAP |")
     assert rows[3].startswith("| run |") and f"{run.score().val_bpb:.5f}" in rows[3]
     assert rows[4].startswith("| bad |") and "error: boom" in rows[4]
     pytest.importorskip("matplotlib")
     compare_runs.plot([runlog.read_log(p) for p in (runs["plain"], runs["trained"])], tmp_path / "c.png", "time")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def test_model_flops_per_token_matches_torch_flop_counter():
+    """The matmul part is exactly what torch counts for one forward+backward; attention by its formula."""
+    import bench_step
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    args = tg.Hyperparameters()
+    for k, v in dict(num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, vocab_size=64,
+                     bigram_vocab_size=31, bigram_dim=8, ve_dim=8, train_seq_len=48, mlp_mult=2.0).items():
+        setattr(args, k, v)
+    model = tg.GPT(args)
+    ids = torch.randint(0, 64, (2, 48))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, ids).mean().backward()
+    flops = bench_step.model_flops_per_token(model, args)
+    assert counter.get_total_flops() / ids.numel() == flops["matmul"]
+    assert flops["attention"] == 3 * 4 * 32 * 24 * 3 and flops["total"] == flops["matmul"] + flops["attention"]
+
+
+def test_bench_step_runs_and_reports(tmp_path):
+    sample = build_sample(tmp_path / "sample", vocab_size=512, train_tokens=30_000, val_docs=4)
+    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
+    env.update(SMOKE="1", DATA_PATH=str(sample[0]), TOKENIZER_PATH=str(sample[1]), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_step.py"), "--steps", "2", "--warmup", "1",
+                          "--phase-reps", "1", "--eval-tokens", "2048", "--json", str(tmp_path / "b.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["ms_per_step"] > 0 and 0 < res["mfu"] < 1 and res["tokens_per_s"] == pytest.approx(4096 / res["ms_per_step"] * 1000)
+    assert res["sliding_eval_tokens"] == 2048 and res["export_bytes"] > 0 and len(res["phase_ms"]) == 3
+    assert "ms/step" in out.stdout and "MFU" in out.stdout

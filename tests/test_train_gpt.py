@@ -58,7 +58,7 @@ def tiny_run_env(sample, **over):
     return {**dict(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2,
                    NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=3,
                    WARMUP_STEPS=0, VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8,
-                   VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096), **over}
+                   VE_DIM=8, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096, FINAL_EVAL="roundtrip,sliding_window"), **over}
 
 
 def final_value(stdout, key):
@@ -160,7 +160,12 @@ def test_sliding_eval_equals_plain_at_stride_seq_len_and_counts_bytes():
     luts = (torch.full((args.vocab_size,), 2, dtype=torch.int16), torch.zeros(args.vocab_size, dtype=torch.bool),
             torch.zeros(args.vocab_size, dtype=torch.bool))
     cpu = torch.device("cpu")
-    loss, bpb = tg.eval_val(args, model, tokens, luts, 0, 1, cpu, 16, 16)
+    args.eval_seq_len, args.eval_stride = 16, 4
+
+    def score(mode):
+        return tg.run_eval_mode(mode, args, model, model, tokens, 0, 1, cpu, print).result(tokens, luts)
+
+    loss, bpb = score("roundtrip")
     total = tokens.numel() - 1
     with torch.no_grad():  # by hand: disjoint windows, then the tail scored from the last full window
         x = tokens[:80].view(5, 16)
@@ -168,8 +173,149 @@ def test_sliding_eval_equals_plain_at_stride_seq_len_and_counts_bytes():
         tail = model(tokens[total - 16:total].view(1, 16), tokens[total - 15:].view(1, 16))[0, -7:].sum()
     assert math.isclose(loss, float(nats + tail) / total, rel_tol=1e-5)
     assert math.isclose(bpb, loss / (2 * math.log(2)), rel_tol=1e-9)  # 2 bytes per token
-    sl_loss, _ = tg.eval_val(args, model, tokens, luts, 0, 1, cpu, 16, 4)
+    sl_loss, _ = score("sliding_window")
     assert math.isfinite(sl_loss) and sl_loss != loss
+
+
+def eval_args(**over):
+    return tiny_args(**dict(eval_seq_len=32, eval_stride=8, ttt_chunk_tokens=48, ttt_epochs=1, ttt_batch_seqs=2,
+                            ttt_lora_chunk=8, ttt_lora_seq_len=32, ttt_lora_batch=3, ngram_buckets=512, ngram_chunk=16,
+                            val_batch_size=512, ttt_max_seconds=0.0) | over)
+
+
+def quiet(msg, console=True):
+    pass
+
+
+def audit(mode, args, model=None, log=quiet):
+    model = model or randomized_model(args)
+    run = lambda toks: tg.run_eval_mode(mode, args, model, model, toks, 0, 1, torch.device("cpu"), log, True)  # noqa: E731
+    tg.audit_eval_mode(mode, run, args, log)
+
+
+@pytest.mark.parametrize("mode", ["roundtrip", "sliding_window", "ttt", "lora", "sliding_window+ngram", "ttt+ngram",
+                                  "lora+ngram"])
+def test_every_eval_mode_passes_the_causality_audit(mode):
+    lines = []
+    audit(mode, eval_args(), log=lambda m, console=True: lines.append(m))
+    line = next(x for x in lines if x.startswith("eval_audit:"))
+    assert f"eval_audit:{mode} ok" in line and "scored_once:ok" in line
+    assert ("bos_diff:0.0e+00" in line) == (mode == "lora")
+
+
+def test_ttt_with_chunks_shorter_than_the_window_stays_causal():
+    """A chunk shorter than a training sequence must not train on targets not yet scored."""
+    audit("ttt", eval_args(ttt_chunk_tokens=12, ttt_epochs=2))
+
+
+def test_ttt_and_lora_change_the_scores_and_leave_the_weights():
+    args = eval_args()
+    model = randomized_model(args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    tokens = torch.randint(2, args.vocab_size, (400,))
+    tokens[::50] = tg.BOS_ID
+    cpu = torch.device("cpu")
+    nats = {m: tg.run_eval_mode(m, args, model, model, tokens, 0, 1, cpu, print).nats for m in ("sliding_window", "ttt", "lora")}
+    assert not torch.equal(nats["sliding_window"], nats["ttt"])  # the chunks after the first were adapted
+    assert torch.equal(nats["sliding_window"][:48], nats["ttt"][:48])  # the first chunk was not
+    assert not torch.equal(nats["sliding_window"], nats["lora"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ngram_mixture_is_a_distribution_that_helps_on_repetitive_text():
+    """Full rows sum to 1 (checked inside the mixer), and on a stream that repeats, the mixture
+    beats the network it mixes, which is a random model."""
+    args = eval_args()
+    model = randomized_model(args)
+    phrase = torch.randint(2, args.vocab_size, (40,), generator=torch.Generator().manual_seed(2))
+    tokens = torch.cat([torch.tensor([tg.BOS_ID]), phrase.repeat(12)])
+    cpu = torch.device("cpu")
+    sheet = tg.run_eval_mode("sliding_window", args, model, model, tokens, 0, 1, cpu, print)
+    net = sheet.nats.mean().item()
+    tg.ngram_mix(args, sheet, tokens, 0, 1, cpu, True, quiet)
+    sheet.check_once()
+    assert sheet.norm_err.item() < 1e-5
+    assert sheet.nats.mean().item() < 0.5 * net
+
+
+def test_ngram_contexts_stop_at_a_bos():
+    args = eval_args(ngram_order=3)
+    mixer = tg.NgramMixer(args, torch.device("cpu"))
+    V = args.vocab_size
+    x = torch.tensor([V, 5, 7, tg.BOS_ID, 9, 11])  # one pad, then inputs 5 7 BOS 9 11
+    bigram, trigram = mixer.keys(x)[1:]
+    assert bigram.tolist() == [5, 7, tg.BOS_ID, 9, 11]
+    ctx = [(V, 5), (5, 7), (V, tg.BOS_ID), (tg.BOS_ID, 9), (9, 11)]  # (x[t-1], x[t]); nothing before a BOS
+    expect = [torch.remainder(torch.tensor(b * (V + 1) + a) * 2654435761, args.ngram_buckets).item() for a, b in ctx]
+    assert trigram.tolist() == expect
+
+
+class LeakyMixer(tg.NgramMixer):
+    def step(self, keys, y, net_nats, ent, full):  # counts the chunk before scoring it
+        self.count(keys, y)
+        return super().step(keys, y, net_nats, ent, full)
+
+
+def shared_adapter(self, k, x):  # one adapter for the whole batch: documents leak into each other
+    return (x @ self.A[k][:1].to(x.dtype)) @ self.B[k][:1].to(x.dtype)
+
+
+@pytest.mark.parametrize("leak", ["peek", "ngram_count_first", "lora_shared", "double"])
+def test_audit_catches_leaks(leak, monkeypatch):
+    args = eval_args()
+    mode = {"peek": "sliding_window", "ngram_count_first": "sliding_window+ngram", "lora_shared": "lora",
+            "double": "roundtrip"}[leak]
+    if leak == "peek":  # the scored distribution at t also sees its own target
+        real = tg.score_windows
+        monkeypatch.setattr(tg, "score_windows", lambda model, tokens, *a: real(model, torch.cat((tokens[1:], tokens[-1:])), *a))
+        match = "moved"
+    elif leak == "ngram_count_first":
+        monkeypatch.setattr(tg, "NgramMixer", LeakyMixer)
+        match = "moved"
+    elif leak == "lora_shared":
+        monkeypatch.setattr(tg.DocLoRA, "delta", shared_adapter)
+        match = "moved"
+    else:
+        real_record = tg.ScoreSheet.record
+        monkeypatch.setattr(tg.ScoreSheet, "record", lambda self, pos, *a: real_record(self, torch.cat((pos, pos[:1])),
+                                                                                     *[torch.cat((t, t[:1])) for t in a]))
+        match = "not scored exactly once"
+    with pytest.raises(tg.EvalError, match=match):
+        audit(mode, args)
+
+
+def test_final_evaluation_refuses_a_mode_that_fails_its_audit(monkeypatch):
+    args = eval_args(final_eval="roundtrip,ttt")
+    lines = []
+
+    def evaluate(mode, tokens=None, full=False):
+        sheet = tg.ScoreSheet(tokens.numel() - 1, torch.device("cpu"))
+        sheet.hits += 1
+        if mode == "ttt":  # a score that depends on the future: the mean of the later tokens
+            sheet.nats = torch.flip(torch.cumsum(torch.flip(tokens[1:].float(), [0]), 0), [0])
+        return sheet
+
+    with pytest.raises(tg.EvalError, match="mode ttt fails the causality audit"):
+        tg.final_evaluation("int6_zstd", evaluate, lambda m, console=True: lines.append(m), args, None)
+    assert any(x.startswith("eval_audit:roundtrip ok") for x in lines)
+    assert not any(x.startswith("final_") for x in lines)  # nothing scored, not even the modes that passed
+
+
+def test_eval_budget_stops_adaptation_but_scores_everything():
+    args = eval_args(ttt_max_seconds=1e-9)
+    model = randomized_model(args)
+    tokens = torch.randint(2, args.vocab_size, (300,), generator=torch.Generator().manual_seed(4))
+    cpu, lines = torch.device("cpu"), []
+    log = lambda m, console=True: lines.append(m)  # noqa: E731
+    plain = tg.run_eval_mode("sliding_window", args, model, model, tokens, 0, 1, cpu, log).nats
+    for mode in ("ttt", "lora"):
+        sheet = tg.run_eval_mode(mode, args, model, model, tokens, 0, 1, cpu, log)
+        sheet.check_once()
+        if mode == "ttt":
+            assert torch.equal(sheet.nats, plain)  # no chunk was adapted
+    assert any(x.startswith("ttt:budget") for x in lines) and any(x.startswith("lora:budget") for x in lines)
 
 
 def test_bpb_byte_counts_match_utf8_of_decoded_text(tmp_path):
@@ -360,7 +506,8 @@ def test_over_the_cap_is_refused_without_a_final_score(sample, tmp_path):
 
 
 def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path):
-    env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, EVAL_STRIDE=64, SEED=7)
+    env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, EVAL_STRIDE=64, SEED=7, FINAL_EVAL="roundtrip,ttt,lora",
+                       TTT_CHUNK_TOKENS=2048, TTT_LORA_CHUNK=16)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     one = run_script(tmp_path / "one", env)
@@ -372,15 +519,19 @@ def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path
         a = float(re.search(rf"{key}:(\S+)", one.stdout).group(1))
         b = float(re.search(rf"{key}:(\S+)", two.stdout).group(1))
         assert abs(a - b) < 2e-4, (key, a, b)
-    a = final_value(one.stdout, "final_int6_zstd_roundtrip_exact")
-    b = final_value(two.stdout, "final_int6_zstd_roundtrip_exact")
-    assert abs(a[0] - b[0]) < 2e-4
+    for key in ("roundtrip", "ttt", "lora"):  # TTT all-reduces its gradients; LoRA deals documents to ranks
+        a = final_value(one.stdout, f"final_int6_zstd_{key}_exact")
+        b = final_value(two.stdout, f"final_int6_zstd_{key}_exact")
+        assert abs(a[0] - b[0]) < 2e-4, (key, a, b)
+    assert final_value(one.stdout, "final_int6_zstd_ttt_exact") != final_value(one.stdout, "final_int6_zstd_roundtrip_exact")
 
 
 def test_smoke_run_finishes_with_finite_scores(tmp_path):
     out = run_script(tmp_path, dict(SMOKE=1), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for key in ("final_int6_zstd_roundtrip_exact", "final_int6_zstd_sliding_window_exact"):
+    keys = ("final_int6_zstd_roundtrip_exact", "final_int6_zstd_sliding_window_exact", "final_int6_zstd_lora_ngram_exact")
+    assert re.findall(r"^eval_audit:(\S+) ok", out.stdout, re.M) == ["roundtrip", "sliding_window", "lora+ngram"]
+    for key in keys:
         loss, bpb = final_value(out.stdout, key)
         assert math.isfinite(loss) and 0 < bpb < 10
     total = int(re.search(r"Total submission size int6\+zstd: (\d+) bytes", out.stdout).group(1))
@@ -390,11 +541,25 @@ def test_smoke_run_finishes_with_finite_scores(tmp_path):
     # The saved artifact re-scores to the same numbers without training...
     again = run_script(tmp_path, dict(SMOKE=1, EVAL_ONLY="final_model.int6.ptz"), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    for key in ("final_int6_zstd_roundtrip_exact", "final_int6_zstd_sliding_window_exact"):
+    for key in keys:
         assert final_value(again.stdout, key) == final_value(out.stdout, key)
     assert "step:" not in again.stdout
     # ...and the saved checkpoint re-quantizes with other settings at no training cost.
-    requant = run_script(tmp_path, dict(SMOKE=1, QUANT_ONLY="final_model.pt", QUANT_METHOD="rtn", EMBED_BITS=6), timeout=600)
+    requant = run_script(tmp_path, dict(SMOKE=1, QUANT_ONLY="final_model.pt", QUANT_METHOD="rtn", EMBED_BITS=6,
+                                        FINAL_EVAL="roundtrip"), timeout=600)
     assert requant.returncode == 0, requant.stderr[-3000:]
     assert "step:" not in requant.stdout and "quant_gap" in requant.stdout
     assert math.isfinite(final_value(requant.stdout, "final_int6_zstd_roundtrip_exact")[1])
+
+
+def test_sdpa_kernel_choice_keeps_cpu_attention_working():
+    """sdpa_<kernel> flags bind CPU SDPA too: on CPU they must be left alone."""
+    args = tiny_args()
+    model = randomized_model(args)
+    ids = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = model.logits(ids)
+    assert tg.select_attention("sdpa_cudnn", torch.device("cpu")) == "sdpa_cudnn"
+    assert torch.equal(model.logits(ids), base)
+    tg.select_attention("auto", torch.device("cpu"))
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND"):
+        tg.validate_config(tiny_args(attn_backend="sdpa_fast"), 1, 8)
