@@ -337,6 +337,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs: tuple[float, floa
 
 
 class Muon(torch.optim.Optimizer):
+    """Rank r orthogonalizes parameters r, r + world, ... of each group; each round of `world`
+    parameters is summed across ranks asynchronously, overlapping the next round's Newton-Schulz."""
+
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       coeffs=tuple(coeffs), weight_decay=weight_decay))
@@ -349,9 +352,9 @@ class Muon(torch.optim.Optimizer):
         if not params:
             return
         flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-        offset = 0
+        offset, pending = 0, []
         for group in self.param_groups:
-            m = group["momentum"]
+            m, round_start = group["momentum"], offset
             for i, p in enumerate(group["params"]):
                 n = p.numel()
                 if i % world == rank and p.grad is not None:
@@ -362,8 +365,12 @@ class Muon(torch.optim.Optimizer):
                     g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
                     flat[offset:offset + n] = g.flatten().float()
                 offset += n
-        if distributed:
-            dist.all_reduce(flat)
+                if distributed and (i % world == world - 1 or i == len(group["params"]) - 1):
+                    # This round's updates travel while the next round is orthogonalized.
+                    pending.append(dist.all_reduce(flat[round_start:offset], async_op=True))
+                    round_start = offset
+        for work in pending:
+            work.wait()
         offset = 0
         for group in self.param_groups:
             for p in group["params"]:
