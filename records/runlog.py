@@ -33,6 +33,7 @@ PATTERNS = {
     "exact": re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)$"),
     "eval_time": re.compile(r"^final_(\S+) val_loss:\S+ val_bpb:\S+ .*eval_time:(\d+)ms$"),
     "error": re.compile(r"^error: (.*)$"),
+    "done": re.compile(r"^final_eval:done"),
 }
 
 
@@ -73,6 +74,7 @@ class RunLog:
     total_bytes: int | None = None
     finals: list[Final] = field(default_factory=list)
     eval_ms: float = 0.0  # sum over the final evaluations
+    eval_done: bool = False  # the `final_eval:done` line: every FINAL_EVAL mode was scored
     step_avg_ms: float | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -112,6 +114,8 @@ class RunLog:
             return "error: " + self.errors[0]
         if not self.finals:
             return "no final_*_exact score line (crashed, killed or still running)"
+        if not self.eval_done:  # the last line present would not be the score FINAL_EVAL chose
+            return "no final_eval:done line: killed or still running during the final evaluations"
         return None
 
     def over_cap(self) -> bool:
@@ -180,5 +184,7 @@ def parse_line(run: RunLog, line: str) -> None:
         run.finals.append(Final(g[0], float(g[1]), float(g[2])))
     elif key == "eval_time":
         run.eval_ms += float(g[1])
+    elif key == "done":
+        run.eval_done = True
     elif key == "error":
         run.errors.append(g[0])

@@ -108,6 +108,13 @@ def test_score_is_the_last_final_eval_mode(runs, tmp_path):
     assert run.score().kind == "roundtrip"
 
 
+def test_a_run_killed_during_its_final_evaluations_has_no_score(runs, tmp_path):
+    """Its last final line would be an earlier mode's, not the one FINAL_EVAL chose to end with."""
+    killed = runlog.read_log(edited(runs["plain"], tmp_path / "killed.txt", cut=r"final_\S+_sliding_window|final_eval:done"))
+    assert killed.finals and "final_eval:done" in killed.failure()
+    assert runlog.read_log(runs["plain"]).eval_done
+
+
 def test_not_a_log_is_refused(tmp_path):
     (tmp_path / "x.txt").write_text("hello\n")
     with pytest.raises(runlog.LogError, match="not a train_gpt.py log"):
