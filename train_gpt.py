@@ -1028,13 +1028,14 @@ def eval_lora(args, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, ra
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = (valid & (q >= q0)).to(device)
-            with autocast_ctx(device):
+            train = adapt & (n > (i + 1) * C)  # documents with chunks still to score
+            learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
+            with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = base_model.logits(x, head_delta=lora.head)
             sheet.record(pos.to(device)[scored], logits[scored].detach(), y[scored])
             budget.score_s += time.perf_counter() - t
             scored_tokens += int(scored.sum())
-            train = adapt & (n > (i + 1) * C)  # documents with chunks still to score
-            if train.any() and budget.adapt_ok(scored_tokens / my_tokens, step_s):
+            if learn:
                 t = time.perf_counter()
                 nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
                 w = (scored & train.to(device)[:, None]).float()
