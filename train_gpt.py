@@ -1143,7 +1143,8 @@ class NgramMixer:
 
 def ngram_mix(args, sheet: ScoreSheet, tokens: Tensor, rank: int, world_size: int, device, full: bool, log) -> None:
     """Replace the sheet's losses with the mixture's. Each rank mixes one contiguous segment of the
-    stream, its counts first filled from every target before the segment."""
+    stream, its counts first filled from every target before the segment; its mixture weights start
+    afresh, so the score moves slightly with the number of ranks."""
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
     y = tokens[1:].to(device)
