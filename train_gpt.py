@@ -172,8 +172,8 @@ class Hyperparameters:
 
     # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the 8xH100 evaluation inside 600 s with
-    # the roundtrip (~3 s), sliding (~75 s), n-gram pass and audits (see records/BENCHMARKS.md).
+    # Per TTT mode, scoring included; 0: no limit. 400 s leaves room in the 600 s evaluation for the
+    # roundtrip, sliding, n-gram and audit passes: an estimate from the seeds' 8xH100 timings, unmeasured here.
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
