@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import glob
 import json
 import math
@@ -24,6 +25,7 @@ import sys
 import time
 import uuid
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +190,6 @@ class Hyperparameters:
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
     ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
     ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))  # documents adapted side by side
-    ttt_lora_min_doc = env("TTT_LORA_MIN_DOC", 0)  # shorter documents are scored without adapting
-    ttt_lora_max_doc = env("TTT_LORA_MAX_DOC", 0)  # longer ones too; 0: no limit
     ngram_order = env("NGRAM_ORDER", 4)
     ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
     ngram_prior = env("NGRAM_PRIOR", 3.0)  # pseudo-counts of order k-1 in order k
@@ -782,38 +782,81 @@ class GPT(nn.Module):
 #   lora            per-document LoRA TTT: each document in chunks, each chunk scored, then the
 #                   document's own fresh adapter trains on it; nothing crosses a document start;
 #   MODE+ngram      afterwards, in stream order, mix the network with online n-gram experts.
-# audit_eval_mode checks causality, exactly-once scoring and normalization of a mode on a random
-# stream; main() refuses a final score from a mode that fails it.
+# audit_eval_mode checks a mode on random documents before it may give a score: causality of the
+# whole distribution scored at each position, exactly-once scoring, normalization, the loss being
+# read from the distribution checked, and document isolation where the mode promises it.
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
 ISOLATED_MODES = ("lora",)  # modes that promise no information crosses a document start
+AUDIT_PROBES = 4  # random directions each scored distribution is projected on, for the audit
+AUDIT_MAX_NOISE = 1e-2  # nats: a mode whose repeated scores differ by more hides leaks in its noise
 
 
 class EvalError(RuntimeError):
     """An evaluation broke its contract (a target scored twice or never, a leak): no score."""
 
 
+@dataclass
+class Evaluation:
+    """What every mode needs besides the tokens: the settings, the model (`model` may be the
+    compiled graph, used to score; `base_model` is the module that TTT adapts and LoRA hooks),
+    this rank's place among the ranks, and the log."""
+    args: object
+    model: nn.Module
+    base_model: nn.Module
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    log: object = print
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous part of n items."""
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+
+@functools.lru_cache(maxsize=4)
+def audit_probes(vocab: int, device) -> Tensor:
+    """(vocab, AUDIT_PROBES) fixed random directions. Two distributions with the same projections
+    are the same distribution in practice; a permutation of one moves them too."""
+    return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
+
+
 class ScoreSheet:
-    def __init__(self, total: int, device):
+    """Per target: the loss, the entropy of the scored distribution and a hit count. An audit sheet
+    also keeps each scored distribution's fingerprint (its probabilities on AUDIT_PROBES), the loss
+    read back from that same distribution, and the worst normalization error."""
+
+    def __init__(self, total: int, device, audit: bool = False):
         self.nats = torch.zeros(total, device=device)
         self.ent = torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
+        self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
+        self.row_nats = torch.zeros(total, device=device) if audit else None
         self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)| of a scored distribution
+        self.net_nats = None  # the network's own losses, once a mixture has replaced `nats`
 
     @torch.no_grad()
     def record(self, pos: Tensor, logits: Tensor, y: Tensor) -> None:
         logp = F.log_softmax(logits.float(), dim=-1)
-        self.nats.index_add_(0, pos, -logp.gather(1, y[:, None]).squeeze(1))
+        nats = -logp.gather(1, y[:, None]).squeeze(1)
+        self.nats.index_add_(0, pos, nats)
         self.ent.index_add_(0, pos, -(logp.exp() * logp).sum(1))
         self.hits.index_add_(0, pos, torch.ones_like(pos, dtype=torch.int32))
-        if len(pos):
+        if self.fp is not None and len(pos):
+            self.fp.index_add_(0, pos, logp.exp() @ audit_probes(logp.size(1), logp.device))
+            self.row_nats.index_add_(0, pos, nats)
             self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
+
+    @property
+    def network_nats(self) -> Tensor:
+        return self.nats if self.net_nats is None else self.net_nats
 
     def reduce(self) -> "ScoreSheet":
         if dist.is_initialized():
-            for t in (self.nats, self.ent, self.hits):
-                dist.all_reduce(t)
+            for t in (self.nats, self.ent, self.hits, self.fp, self.row_nats):
+                if t is not None:
+                    dist.all_reduce(t)
             dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
         return self
 
@@ -831,15 +874,14 @@ class ScoreSheet:
         x, y = tokens[:-1].to(self.nats.device), tokens[1:].to(self.nats.device)
         nbytes = base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
         nats = self.nats.double().sum().item()
+        if not math.isfinite(nats):
+            raise EvalError(f"the validation loss is {nats}: the model gives non-finite probabilities. "
+                            "No score; check the training log for divergence and the artifact for damage")
         return nats / y.numel(), nats / (math.log(2) * nbytes.sum().item())
 
 
 def autocast_ctx(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def share(n: int, rank: int, world_size: int) -> slice:
-    return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
 def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -854,30 +896,29 @@ def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.n
 
 
 @torch.no_grad()
-def score_windows(model, tokens: Tensor, starts: np.ndarray, score_from: np.ndarray, seq_len: int,
-                  sheet: ScoreSheet, batch: int, device) -> None:
+def score_windows(ev: Evaluation, tokens: Tensor, starts: np.ndarray, score_from: np.ndarray, seq_len: int,
+                  sheet: ScoreSheet) -> None:
     """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
     offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
+    batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
     for b in range(0, len(starts), batch):
         s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
         pad = batch - len(s)  # repeat the last window, unscored: one shape, one compiled graph
         s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
-        win = tokens[s[:, None] + offsets].to(device, non_blocking=True)
-        pos = (s[:, None] + ar).to(device)
-        keep = pos >= f.to(device)[:, None]
-        with autocast_ctx(device):
-            logits = model(win[:, :-1])
+        win = tokens[s[:, None] + offsets].to(ev.device, non_blocking=True)
+        pos = (s[:, None] + ar).to(ev.device)
+        keep = pos >= f.to(ev.device)[:, None]
+        with autocast_ctx(ev.device):
+            logits = ev.model(win[:, :-1])
         sheet.record(pos[keep], logits[keep], win[:, 1:][keep])
 
 
-def eval_windows(args, model, tokens: Tensor, sheet: ScoreSheet, stride: int, rank: int, world_size: int, device) -> None:
+def eval_windows(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet, stride: int) -> None:
     total = tokens.numel() - 1
-    seq_len = min(args.eval_seq_len, total)
+    seq_len = min(ev.args.eval_seq_len, total)
     starts, score_from = window_plan(total, seq_len, stride)
-    mine = share(len(starts), rank, world_size)
-    batch = max(1, args.val_batch_size // (world_size * seq_len))
-    score_windows(model, tokens, starts[mine], score_from[mine], seq_len, sheet, batch, device)
-
+    mine = ev.share(len(starts))
+    score_windows(ev, tokens, starts[mine], score_from[mine], seq_len, sheet)
 
 class Budget:
     """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would
@@ -893,29 +934,28 @@ class Budget:
         return time.perf_counter() - self.t0 + 1.2 * rest + step_s < self.seconds
 
 
-def eval_ttt(args, model, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, rank: int, world_size: int,
-             device, log) -> None:
+def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
     """Score-first chunked TTT. A window belongs to the chunk of its first scored target, so by the
     time the model trains on chunk c every target of chunk c (and no later one) has been scored."""
+    args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
     starts, score_from = window_plan(total, seq_len, args.eval_stride)
     n_chunks = -(-total // C)
     chunk_of = score_from // C
-    frozen = {id(p) for blk in base_model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
-    params = [p for p in base_model.parameters() if id(p) not in frozen]
-    for p in base_model.parameters():
+    frozen = {id(p) for blk in model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     if args.ttt_optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     else:
         opt = torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0)
-    budget, batch = Budget(args.ttt_max_seconds), max(1, args.val_batch_size // (world_size * seq_len))
-    adapting, step_s, stopped_at = True, 0.0, None
+    budget, adapting, step_s, stopped_at = Budget(args.ttt_max_seconds), True, 0.0, None
     for c in range(n_chunks):
         t = time.perf_counter()
-        sel = np.flatnonzero(chunk_of == c)[share(int((chunk_of == c).sum()), rank, world_size)]
-        score_windows(model, tokens, starts[sel], score_from[sel], seq_len, sheet, batch, device)
+        sel = np.flatnonzero(chunk_of == c)[ev.share(int((chunk_of == c).sum()))]
+        score_windows(ev, tokens, starts[sel], score_from[sel], seq_len, sheet)
         budget.score_s += time.perf_counter() - t
         if c == n_chunks - 1:
             break
@@ -930,10 +970,9 @@ def eval_ttt(args, model, base_model: nn.Module, tokens: Tensor, sheet: ScoreShe
         lo, hi = c * C, (c + 1) * C
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
-        lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         for g in opt.param_groups:
-            g["lr"] = lr
-        mine = seq_starts[rank::world_size]
+            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        mine = seq_starts[ev.rank::world_size]
         steps = -(-len(seq_starts) // (world_size * args.ttt_batch_seqs))
         for _ in range(args.ttt_epochs):
             for i in range(steps):
@@ -943,7 +982,7 @@ def eval_ttt(args, model, base_model: nn.Module, tokens: Tensor, sheet: ScoreShe
                 if len(s):
                     win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
                     with autocast_ctx(device):
-                        loss = model(win[:, :-1], win[:, 1:]).sum() / (n_global * n_tok)
+                        loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (n_global * n_tok)
                     loss.backward()
                 for p in params:
                     if p.grad is None:
@@ -954,12 +993,11 @@ def eval_ttt(args, model, base_model: nn.Module, tokens: Tensor, sheet: ScoreShe
                     torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
                 opt.step()
         step_s = time.perf_counter() - t
-    for p in base_model.parameters():
+    for p in model.parameters():
         p.requires_grad_(True)
     if stopped_at is not None:
-        log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
-            f"{stopped_at}/{n_chunks}, scoring went on")
-
+        ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
+               f"{stopped_at}/{n_chunks}, scoring went on")
 
 def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Documents as target ranges [start, end): a document's inputs start at its BOS, and its
@@ -995,28 +1033,27 @@ class DocLoRA(nn.Module):
         return self.delta(len(self.targets), x)
 
 
-def eval_lora(args, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, rank: int, world_size: int,
-              device, log) -> None:
+def eval_lora(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
     """Per-document score-first LoRA TTT. Documents are dealt to ranks longest first (balancing
-    the load) and batched with documents of similar length. Chunk i of every document in the batch
-    is scored by adapters trained on chunks < i only, then one Adam step trains on it. Runs the
-    eager model: hooks change its graph, so no graph compiled for the base model is reused."""
+    the load) and batched with documents of similar length: lengths only schedule the work, no
+    score depends on them. Chunk i of every document in the batch is scored by adapters trained on
+    chunks < i only, then one Adam step trains on it. Runs the eager model: hooks change its
+    graph, so no graph compiled for the base model is reused."""
+    args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
-    mine = np.argsort(-lens, kind="stable")[rank::world_size]
+    mine = np.argsort(-lens, kind="stable")[ev.rank::ev.world_size]
     C, L, total = args.ttt_lora_chunk, args.ttt_lora_seq_len, tokens.numel() - 1
-    max_doc = args.ttt_lora_max_doc or total
     budget, step_s, skipped = Budget(args.ttt_max_seconds), 0.0, 0
-    frozen = [p for p in base_model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     my_tokens, scored_tokens = max(int(lens[mine].sum()), 1), 0
     for b in range(0, len(mine), args.ttt_lora_batch):
         docs = mine[b:b + args.ttt_lora_batch]
         s0, n = torch.from_numpy(starts[docs]), torch.from_numpy(lens[docs])
-        lora = DocLoRA(base_model, len(docs), args.ttt_lora_rank, device)
+        lora = DocLoRA(model, len(docs), args.ttt_lora_rank, device)
         opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.9, 0.95))
-        adapt = (n >= args.ttt_lora_min_doc) & (n <= max_doc)
         hooks = lora.attach()
         for i in range(-(-int(n.max()) // C)):
             t = time.perf_counter()
@@ -1028,10 +1065,10 @@ def eval_lora(args, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, ra
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = (valid & (q >= q0)).to(device)
-            train = adapt & (n > (i + 1) * C)  # documents with chunks still to score
+            train = n > (i + 1) * C  # documents with chunks still to score: training the others changes no score
             learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
-                logits = base_model.logits(x, head_delta=lora.head)
+                logits = model.logits(x, head_delta=lora.head)
             sheet.record(pos.to(device)[scored], logits[scored].detach(), y[scored])
             budget.score_s += time.perf_counter() - t
             scored_tokens += int(scored.sum())
@@ -1051,8 +1088,8 @@ def eval_lora(args, base_model: nn.Module, tokens: Tensor, sheet: ScoreSheet, ra
     for p in frozen:
         p.requires_grad_(True)
     if skipped:
-        log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {rank}: "
-            f"{skipped} document chunks scored without adaptation")
+        ev.log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {ev.rank}: "
+               f"{skipped} document chunks scored without adaptation")
 
 
 class NgramMixer:
@@ -1115,23 +1152,24 @@ class NgramMixer:
             self.counts[k].index_put_((key, y), torch.ones_like(y, dtype=torch.int32), accumulate=True)
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
-    def step(self, keys: list[Tensor], y: Tensor, net_nats: Tensor, ent: Tensor, full: bool) -> Tensor:
-        """Mixture loss of a chunk of targets, then the update. `full` also computes every expert's
-        whole row, to check that the mixture sums to 1 and agrees with the scoring path at the target."""
+    def step(self, keys: list[Tensor], y: Tensor, net_nats: Tensor, ent: Tensor, audit=None) -> Tensor:
+        """Mixture loss of a chunk of targets, then the update. `audit` = the network's (fingerprint,
+        row loss) of these targets: then every expert's whole row is computed too, and the mixture's
+        normalization, fingerprint and the loss read back from its whole row are kept for the audit."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if full:  # the network's rows are checked where they are scored (ScoreSheet.record)
-            rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))
+        if audit is not None:  # the network's rows are checked where they are scored (ScoreSheet.record)
+            net_fp, net_row_nats = audit
+            rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
-            at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)
-            self.norm_err = max(self.norm_err, (mass - 1).abs().max().item(), (at_y - pk).abs().max().item())
-            # A fingerprint of the whole mixed distribution, for the audit (the network's part by its entropy).
-            probe = torch.linspace(0, 1, V, device=y.device)
-            self.fingerprint = w[:, 0] * ent + (w[:, 1:] * (rows * probe).sum(2).T).sum(1)
+            self.norm_err = max(self.norm_err, (mass - 1).abs().max().item())
+            self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
+            at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
+            self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
         # Multiplicative weights in their linear form (online EM of the mixture weights): each target
         # moves its bin's weights towards each expert's share of the mixture's probability of it.
         share_y = w * p_y / mix[:, None]
@@ -1141,100 +1179,144 @@ class NgramMixer:
         return -torch.log(mix)
 
 
-def ngram_mix(args, sheet: ScoreSheet, tokens: Tensor, rank: int, world_size: int, device, full: bool, log) -> None:
-    """Replace the sheet's losses with the mixture's. Each rank mixes one contiguous segment of the
-    stream, its counts first filled from every target before the segment; its mixture weights start
-    afresh, so the score moves slightly with the number of ranks."""
+def ngram_mix(ev: Evaluation, sheet: ScoreSheet, tokens: Tensor) -> None:
+    """Replace the sheet's losses with the mixture's (the network's are kept as `net_nats`). Each
+    rank mixes one contiguous segment of the stream, its counts first filled from every target
+    before the segment; its mixture weights start afresh, so the score moves slightly with the
+    number of ranks."""
+    args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
     y = tokens[1:].to(device)
-    mixer, seg = NgramMixer(args, device), share(total, rank, world_size)
-    out, fingerprint = torch.zeros_like(sheet.nats), torch.zeros_like(sheet.ent)
+    mixer, seg = NgramMixer(args, device), ev.share(total)
+    out = torch.zeros_like(sheet.nats)
+    fp, row_nats = (torch.zeros_like(sheet.fp), torch.zeros_like(sheet.nats)) if audit else (None, None)
     for p0 in range(0, seg.start, 1 << 20):
         p1 = min(p0 + (1 << 20), seg.start)
         mixer.count(mixer.keys(x[p0:p1 + back]), y[p0:p1])
     for p0 in range(seg.start, seg.stop, args.ngram_chunk):
-        p1 = min(p0 + args.ngram_chunk, seg.stop)
-        out[p0:p1] = mixer.step(mixer.keys(x[p0:p1 + back]), y[p0:p1], sheet.nats[p0:p1], sheet.ent[p0:p1], full)
-        if full:
-            fingerprint[p0:p1] = mixer.fingerprint
+        c = slice(p0, min(p0 + args.ngram_chunk, seg.stop))
+        out[c] = mixer.step(mixer.keys(x[c.start:c.stop + back]), y[c], sheet.nats[c], sheet.ent[c],
+                            (sheet.fp[c], sheet.row_nats[c]) if audit else None)
+        if audit:
+            fp[c], row_nats[c] = mixer.fingerprint, mixer.row_nats
     norm_err = torch.tensor(mixer.norm_err, device=device)
-    if world_size > 1:
-        for t in (out, fingerprint):
-            dist.all_reduce(t)
+    if ev.world_size > 1:
+        for t in (out, fp, row_nats):
+            if t is not None:
+                dist.all_reduce(t)
         dist.all_reduce(norm_err, op=dist.ReduceOp.MAX)
-    sheet.nats, sheet.ent = out, fingerprint if full else sheet.ent
+    sheet.net_nats, sheet.nats = sheet.nats, out
+    if audit:
+        sheet.fp, sheet.row_nats = fp, row_nats
     sheet.norm_err = torch.maximum(sheet.norm_err, norm_err.to(sheet.norm_err.dtype))
-    log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
+    ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
-def run_eval_mode(mode: str, args, model, base_model: nn.Module, tokens: Tensor, rank: int, world_size: int,
-                  device, log, full: bool = False) -> ScoreSheet:
-    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
+def run_eval_mode(ev: Evaluation, mode: str, tokens: Tensor, audit: bool = False) -> ScoreSheet:
+    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were. An
+    audit sheet also keeps what audit_eval_mode checks."""
     net, _, mix = mode.partition("+")
-    sheet = ScoreSheet(tokens.numel() - 1, device)
+    sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
-        snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-        eval_ttt(args, model, base_model, tokens, sheet, rank, world_size, device, log)
-        base_model.load_state_dict(snapshot)
+        snapshot = {k: v.detach().clone() for k, v in ev.base_model.state_dict().items()}
+        eval_ttt(ev, tokens, sheet)
+        ev.base_model.load_state_dict(snapshot)
     elif net == "lora":
-        eval_lora(args, base_model, tokens, sheet, rank, world_size, device, log)
+        eval_lora(ev, tokens, sheet)
     else:
-        stride = args.eval_seq_len if net == "roundtrip" else args.eval_stride
-        eval_windows(args, model, tokens, sheet, stride, rank, world_size, device)
+        eval_windows(ev, tokens, sheet, ev.args.eval_seq_len if net == "roundtrip" else ev.args.eval_stride)
     sheet.reduce()
     if mix:
-        ngram_mix(args, sheet, tokens, rank, world_size, device, full, log)
+        ngram_mix(ev, sheet, tokens)
     return sheet
 
 
-def audit_eval_mode(mode: str, run, args, log) -> None:
-    """Run a mode (run(tokens) -> reduced ScoreSheet, every vocabulary row checked) on a random
-    stream of documents: twice as is (the spread of nondeterministic kernels sets the tolerance),
-    once with the tokens from position t + 1 on redrawn (nothing scored before t, nor the
-    distribution scored at t, may move) and, for
-    a mode that promises document isolation, once with the tokens before a BOS redrawn (nothing
-    after it may move). Document starts stay in place. Raises EvalError on a leak, a target not
-    scored exactly once or a distribution that does not sum to 1."""
-    t0, V, L = time.perf_counter(), args.vocab_size, args.eval_seq_len
+def random_documents(min_tokens: int, min_docs: int, args, g: torch.Generator) -> Tensor:
+    """At least min_tokens + 1 tokens of BOS-led documents of random tokens, at least min_docs of
+    them. Lengths are log-uniform from 1 token to 3 windows: empty, short, chunk-sized and
+    multi-window documents all occur."""
+    lens, top = [], math.log(3 * args.eval_seq_len)
+    while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
+        lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
+    tokens = torch.randint(2, args.vocab_size, (sum(lens),), generator=g)
+    tokens[np.cumsum([0] + lens[:-1])] = BOS_ID
+    return tokens
+
+
+def gap(a: Tensor, b: Tensor) -> float:
+    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
+    d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return d if math.isfinite(d) else math.inf
+
+
+def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
+    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents: scored twice as
+    they are (the spread of nondeterministic kernels sets the tolerance); once with everything after
+    position t redrawn, document boundaries included (no loss before t, nor the distribution scored
+    at t, may move); and for a mode that promises document isolation, once rebatched and once with
+    a random half of the documents redrawn (no network loss in the other half may move), over
+    enough documents for two batches on every rank. Every loss must be -log of its checked distribution at the target,
+    every distribution must sum to 1, every target be scored once. Raises EvalError otherwise."""
+    t0, net = time.perf_counter(), mode.partition("+")[0]
     g = torch.Generator().manual_seed(args.seed)
-    n = max(4 * L, 5 * args.ttt_chunk_tokens // 2 if mode.startswith("ttt") else 0)
-    tokens = torch.randint(2, V, (n + 1,), generator=g)
-    bos = torch.cumsum(torch.randint(max(L // 8, 2), 2 * L, (n // 2,), generator=g), 0)
-    tokens[torch.cat((torch.zeros(1, dtype=torch.int64), bos[bos <= n]))] = BOS_ID
-
-    def redraw(where: Tensor) -> Tensor:
-        out = tokens.clone()
-        sel = where & (tokens != BOS_ID)
-        out[sel] = torch.randint(2, V, (n + 1,), generator=g)[sel]
-        return out
-
-    idx, t = torch.arange(n + 1), n // 2
-    a, again, b = run(tokens), run(tokens), run(redraw(idx > t))
+    isolated = net in ISOLATED_MODES
+    min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
+    tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
+    n = tokens.numel() - 1
+    t = n // 2
+    future = torch.cat((tokens[:t + 1], random_documents(n, 0, args, g)[t + 1:n + 1]))
+    a, again, b = run(tokens), run(tokens), run(future)
     for s in (a, again, b):
         s.check_once()
-    noise = max((a.nats - again.nats).abs().max().item(), (a.ent - again.ent).abs().max().item())
+    noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol = 4 * noise + 1e-6
-    # Tokens from t + 1 on changed: the losses before t, and the distribution scored at t (its
-    # fingerprint `ent`: it must not depend on its own target either), may not move.
-    leak = max((a.nats - b.nats)[:t].abs().max().item(), (a.ent - b.ent)[:t + 1].abs().max().item())
+    batch_noise = 0.0
+    if isolated:  # its batches follow document lengths, which the redraw after t changes: the
+        # numerical spread of batching the same documents otherwise sets that check's tolerance
+        batch = args.ttt_lora_batch
+        args.ttt_lora_batch = batch // 2 if batch > 1 else 2
+        try:
+            rebatched = run(tokens)
+        finally:
+            args.ttt_lora_batch = batch
+        batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
+    # Only tokens after t changed: the losses before t, and the whole distribution scored at t
+    # (it may not depend on its own target either), must not move.
+    leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
+    mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
     norm = max(s.norm_err.item() for s in (a, again, b))
     problems = []
-    if leak > tol:
+    if not all(torch.isfinite(s.nats).all() and torch.isfinite(s.fp).all() for s in (a, again, b)):
+        problems.append("a loss or a scored distribution is not finite")
+    if not noise <= AUDIT_MAX_NOISE:
+        problems.append(f"the mode is not repeatable: scoring the same tokens twice moved a loss by {noise:.2e} "
+                        f"nats (> {AUDIT_MAX_NOISE}): state kept between evaluations, or kernels too "
+                        "nondeterministic for the audit to see a leak")
+    if not leak <= 4 * max(noise, batch_noise) + 1e-6:
         problems.append(f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed")
-    if norm > 1e-3:
+    if not mismatch <= tol:
+        problems.append(f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target")
+    if not norm <= 1e-3:
         problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1 over the vocabulary")
     isolation = "n/a"
-    if mode in ISOLATED_MODES:
-        start = int(bos[(bos > t) & (bos < n - 1)][0]) if ((bos > t) & (bos < n - 1)).any() else t
-        cross = (a.nats - run(redraw(idx < start)).nats)[start:].abs().max().item()
+    if isolated:
+        starts, _ = doc_spans(tokens)
+        doc_of = torch.cumsum(tokens == BOS_ID, 0) - 1  # tokens[0] is a BOS
+        redrawn = torch.rand(len(starts), generator=g) < 0.5
+        changed = redrawn[doc_of] & (tokens != BOS_ID)
+        c = run(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
+        kept = ~redrawn[doc_of[:-1]]  # targets whose document was left as it was
+        cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
-        if cross > tol:
-            problems.append(f"losses after the BOS at {start} moved by {cross:.2e} nats when only earlier documents changed")
+        if not cross <= tol:
+            problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were when "
+                            f"{int(redrawn.sum())} of {len(starts)} others were redrawn")
     if problems:
         raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit and cannot give a score: " + "; ".join(problems))
-    log(f"eval_audit:{mode} ok tokens:{n} causal_diff:{leak:.1e} noise:{noise:.1e} norm_err:{norm:.1e} "
-        f"bos_diff:{isolation} scored_once:ok time:{time.perf_counter() - t0:.1f}s")
+    log(f"eval_audit:{mode} ok tokens:{n} docs:{int((tokens == BOS_ID).sum())} causal_diff:{leak:.1e} "
+        f"noise:{noise:.1e} batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
+        f"time:{time.perf_counter() - t0:.1f}s")
 
 
 # -----------------------------------------------------------------------------
@@ -1751,17 +1833,18 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def evaluate(mode: str, tokens: Tensor | None = None, full: bool = False):
+    ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
+
+    def evaluate(mode: str, tokens: Tensor | None = None, audit: bool = False):
         """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
-        sheet = run_eval_mode(mode, args, compiled, base_model, val_tokens if tokens is None else tokens,
-                              rank, world_size, device, log, full)
+        sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
     label = f"int{max(args.attn_bits, args.mlp_bits)}_{args.compressor}"  # names the final log lines
     if args.eval_only:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
-        final_evaluation(label, evaluate, log, args, None)
+        final_evaluation(label, evaluate, log, args, None, world_size)
         if distributed:
             dist.destroy_process_group()
         return
@@ -1876,17 +1959,17 @@ def main() -> None:
     if distributed:
         dist.barrier()
     load_artifact(artifact, base_model)  # score exactly what was written
-    final_evaluation(label, evaluate, log, args, val_bpb)
+    final_evaluation(label, evaluate, log, args, val_bpb, world_size)
     if distributed:
         dist.destroy_process_group()
 
 
-def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | None) -> None:
+def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | None, world_size: int = 1) -> None:
     """Score the loaded (round-tripped) model with every FINAL_EVAL mode, each audited first on a
     random stream (a mode that fails gives no score). The greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
-        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, full=True), args, log)
+        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
     for mode in modes:
         t = time.perf_counter()
         loss, bpb = evaluate(mode)

@@ -50,24 +50,23 @@ def main() -> None:
     def log(msg, console=True):
         print(msg, file=sys.stderr, flush=True)
 
-    def run(mode, tokens, full=False):
-        return tg.run_eval_mode(mode, args, model, model, tokens, 0, 1, device, log, full)
+    ev = tg.Evaluation(args, model, model, device, log=log)
 
     if opts.audit:
         for mode in modes + ([] if opts.no_ngram else [m + "+ngram" for m in modes]):
-            tg.audit_eval_mode(mode, lambda toks: run(mode, toks, True), args, log)
+            tg.audit_eval_mode(mode, lambda toks: tg.run_eval_mode(ev, mode, toks, audit=True), args, log)
     print(f"checkpoint {opts.checkpoint}, {val.numel() - 1:,} targets, device {device.type}")
     print("| mode | val_bpb | time | +ngram val_bpb | +ngram time (mixture only) |")
     print("|---|---:|---:|---:|---:|")
     for mode in modes:
         t = time.perf_counter()
-        sheet = run(mode, val)
+        sheet = tg.run_eval_mode(ev, mode, val)
         net_s = time.perf_counter() - t
         _, bpb = sheet.result(val, luts)
         mixed = ""
         if not opts.no_ngram:
             t = time.perf_counter()
-            tg.ngram_mix(args, sheet, val, 0, 1, device, False, log)
+            tg.ngram_mix(ev, sheet, val)
             mixed = f" {sheet.result(val, luts)[1]:.4f} | {time.perf_counter() - t:.1f} s |"
         print(f"| {mode} | {bpb:.4f} | {net_s:.1f} s |{mixed or ' | |'}", flush=True)
 

@@ -46,7 +46,7 @@ def main():
     model.load_state_dict(state)
 
     def score():
-        return tg.run_eval_mode("roundtrip", args, model, model, val, 0, 1, device, print).result(val, luts)[1]
+        return tg.run_eval_mode(tg.Evaluation(args, model, model, device), "roundtrip", val).result(val, luts)[1]
 
     base_bpb = score()
     loader = tg.DistributedTokenLoader(args.train_files, args.vocab_size, 0, 1, device)

@@ -163,11 +163,12 @@ def main() -> None:
     if opts.eval_tokens:
         val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)[:opts.eval_tokens + 1]
         head = val[:2 * args.eval_seq_len + 1]  # compile the evaluation graph first (same padded batch shape)
-        tg.eval_windows(args, compiled, head, tg.ScoreSheet(head.numel() - 1, device), args.eval_stride, rank, world, device)
+        ev = tg.Evaluation(args, compiled, base, device, rank, world)
+        tg.eval_windows(ev, head, tg.ScoreSheet(head.numel() - 1, device), args.eval_stride)
         sheet = tg.ScoreSheet(val.numel() - 1, device)
         sync(device)
         t = time.perf_counter()
-        tg.eval_windows(args, compiled, val, sheet, args.eval_stride, rank, world, device)
+        tg.eval_windows(ev, val, sheet, args.eval_stride)
         sync(device)
         eval_s = time.perf_counter() - t
         out["sliding_eval_s"] = eval_s

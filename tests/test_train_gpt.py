@@ -163,7 +163,7 @@ def test_sliding_eval_equals_plain_at_stride_seq_len_and_counts_bytes():
     args.eval_seq_len, args.eval_stride = 16, 4
 
     def score(mode):
-        return tg.run_eval_mode(mode, args, model, model, tokens, 0, 1, cpu, print).result(tokens, luts)
+        return tg.run_eval_mode(tg.Evaluation(args, model, model, cpu), mode, tokens).result(tokens, luts)
 
     loss, bpb = score("roundtrip")
     total = tokens.numel() - 1
@@ -189,8 +189,8 @@ def quiet(msg, console=True):
 
 def audit(mode, args, model=None, log=quiet):
     model = model or randomized_model(args)
-    run = lambda toks: tg.run_eval_mode(mode, args, model, model, toks, 0, 1, torch.device("cpu"), log, True)  # noqa: E731
-    tg.audit_eval_mode(mode, run, args, log)
+    ev = tg.Evaluation(args, model, model, torch.device("cpu"), log=log)
+    tg.audit_eval_mode(mode, lambda toks: tg.run_eval_mode(ev, mode, toks, audit=True), args, log)
 
 
 @pytest.mark.parametrize("mode", ["roundtrip", "sliding_window", "ttt", "lora", "sliding_window+ngram", "ttt+ngram",
@@ -200,7 +200,7 @@ def test_every_eval_mode_passes_the_causality_audit(mode):
     audit(mode, eval_args(), log=lambda m, console=True: lines.append(m))
     line = next(x for x in lines if x.startswith("eval_audit:"))
     assert f"eval_audit:{mode} ok" in line and "scored_once:ok" in line
-    assert ("bos_diff:0.0e+00" in line) == (mode == "lora")
+    assert ("bos_diff:0.0e+00" in line) == mode.startswith("lora")
 
 
 def test_ttt_with_chunks_shorter_than_the_window_stays_causal():
@@ -216,7 +216,8 @@ def test_ttt_and_lora_change_the_scores_and_leave_the_weights():
     tokens = torch.randint(2, args.vocab_size, (400,))
     tokens[::50] = tg.BOS_ID
     cpu = torch.device("cpu")
-    nats = {m: tg.run_eval_mode(m, args, model, model, tokens, 0, 1, cpu, print).nats for m in ("sliding_window", "ttt", "lora")}
+    ev = tg.Evaluation(args, model, model, cpu)
+    nats = {m: tg.run_eval_mode(ev, m, tokens).nats for m in ("sliding_window", "ttt", "lora")}
     assert not torch.equal(nats["sliding_window"], nats["ttt"])  # the chunks after the first were adapted
     assert torch.equal(nats["sliding_window"][:48], nats["ttt"][:48])  # the first chunk was not
     assert not torch.equal(nats["sliding_window"], nats["lora"])
@@ -232,9 +233,10 @@ def test_ngram_mixture_is_a_distribution_that_helps_on_repetitive_text():
     phrase = torch.randint(2, args.vocab_size, (40,), generator=torch.Generator().manual_seed(2))
     tokens = torch.cat([torch.tensor([tg.BOS_ID]), phrase.repeat(12)])
     cpu = torch.device("cpu")
-    sheet = tg.run_eval_mode("sliding_window", args, model, model, tokens, 0, 1, cpu, print)
+    ev = tg.Evaluation(args, model, model, cpu, log=quiet)
+    sheet = tg.run_eval_mode(ev, "sliding_window", tokens, audit=True)
     net = sheet.nats.mean().item()
-    tg.ngram_mix(args, sheet, tokens, 0, 1, cpu, True, quiet)
+    tg.ngram_mix(ev, sheet, tokens)
     sheet.check_once()
     assert sheet.norm_err.item() < 1e-5
     assert sheet.nats.mean().item() < 0.5 * net
@@ -253,9 +255,9 @@ def test_ngram_contexts_stop_at_a_bos():
 
 
 class LeakyMixer(tg.NgramMixer):
-    def step(self, keys, y, net_nats, ent, full):  # counts the chunk before scoring it
+    def step(self, keys, y, net_nats, ent, audit=None):  # counts the chunk before scoring it
         self.count(keys, y)
-        return super().step(keys, y, net_nats, ent, full)
+        return super().step(keys, y, net_nats, ent, audit)
 
 
 def shared_adapter(self, k, x):  # one adapter for the whole batch: documents leak into each other
@@ -286,12 +288,97 @@ def test_audit_catches_leaks(leak, monkeypatch):
         audit(mode, args)
 
 
+def swap_target_with_top(record):
+    """The target's logit swapped with the largest one: same entropy, a distribution that knows its target."""
+    def leaky(self, pos, logits, y):
+        logits = logits.clone()
+        top = logits.argmax(1)
+        at_y, at_top = logits.gather(1, y[:, None]), logits.gather(1, top[:, None])
+        logits.scatter_(1, top[:, None], at_y)
+        logits.scatter_(1, y[:, None], at_top)
+        return record(self, pos, logits, y)
+    return leaky
+
+
+class OptimisticMixer(tg.NgramMixer):
+    def step(self, keys, y, net_nats, ent, audit=None):  # the loss of the best of the mixture and its experts
+        best = self.expert_probs(keys, y, y[:, None])[:, :, 0].max(0).values
+        return torch.minimum(super().step(keys, y, net_nats, ent, audit), -torch.log(best))
+
+
+class CarriedLoRA(tg.DocLoRA):
+    """Each batch starts from the adapters the previous batch ended with: a leak across batches."""
+    carried = None
+
+    def __init__(self, model, n_docs, rank, device):
+        super().__init__(model, n_docs, rank, device)
+        if CarriedLoRA.carried is not None:
+            with torch.no_grad():
+                for p, q in zip(self.B, CarriedLoRA.carried):
+                    p.copy_(q[:1].expand_as(p))
+        CarriedLoRA.carried = self.B
+
+
+@pytest.mark.parametrize("leak,mode", [("swap", "roundtrip"), ("swap", "sliding_window"), ("nan", "sliding_window"),
+                                       ("optimistic", "sliding_window+ngram"), ("carried", "lora"),
+                                       ("carried", "lora+ngram")])
+def test_audit_catches_the_review_leaks(leak, mode, monkeypatch):
+    """The leaks an adversarial review got through the first audit: a target-dependent permutation
+    (entropy unchanged), NaN scores, a mixture loss not read from the checked distribution, and
+    adapter state carried from one batch of documents to the next."""
+    args = eval_args(ttt_lora_batch=2)
+    model = randomized_model(args)
+    if leak == "swap":
+        monkeypatch.setattr(tg.ScoreSheet, "record", swap_target_with_top(tg.ScoreSheet.record))
+        match = "moved"
+    elif leak == "nan":
+        with torch.no_grad():
+            model.blocks[1].mlp.fc.weight[0, 0] = float("nan")
+        match = "not finite"
+    elif leak == "optimistic":
+        monkeypatch.setattr(tg, "NgramMixer", OptimisticMixer)
+        match = "from -log of the checked distribution"
+    else:  # fresh at the start of each evaluation, carried from batch to batch inside it
+        real = tg.eval_lora
+        monkeypatch.setattr(tg, "DocLoRA", CarriedLoRA)
+        monkeypatch.setattr(tg, "eval_lora", lambda *a: (setattr(CarriedLoRA, "carried", None), real(*a)))
+        match = "documents left as they were"
+    with pytest.raises(tg.EvalError, match=match):
+        audit(mode, args, model)
+
+
+def test_audit_refuses_a_mode_that_is_not_repeatable(monkeypatch):
+    """State carried from one evaluation to the next (a cache never reset) makes the repeat-noise,
+    and with it every tolerance, large: that alone refuses the mode."""
+    monkeypatch.setattr(CarriedLoRA, "carried", None)
+    monkeypatch.setattr(tg, "DocLoRA", CarriedLoRA)
+    with pytest.raises(tg.EvalError, match="not repeatable"):
+        audit("lora", eval_args(ttt_lora_batch=2))
+
+
+def test_audit_stream_spans_batches_and_varies_document_lengths():
+    args = eval_args(ttt_lora_batch=4)
+    tokens = tg.random_documents(4 * args.eval_seq_len, 2 * args.ttt_lora_batch * 2 + 1, args, torch.Generator().manual_seed(0))
+    starts, ends = tg.doc_spans(tokens)
+    lens = ends - starts
+    assert len(starts) >= 17 and lens.min() <= args.ttt_lora_chunk < args.eval_seq_len < lens.max()
+
+
+def test_a_non_finite_score_is_refused():
+    sheet = tg.ScoreSheet(4, torch.device("cpu"))
+    sheet.hits += 1
+    sheet.nats[2] = float("nan")
+    luts = (torch.ones(8, dtype=torch.int16), torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
+    with pytest.raises(tg.EvalError, match="non-finite"):
+        sheet.result(torch.tensor([1, 2, 3, 4, 5]), luts)
+
+
 def test_final_evaluation_refuses_a_mode_that_fails_its_audit(monkeypatch):
     args = eval_args(final_eval="roundtrip,ttt")
     lines = []
 
-    def evaluate(mode, tokens=None, full=False):
-        sheet = tg.ScoreSheet(tokens.numel() - 1, torch.device("cpu"))
+    def evaluate(mode, tokens=None, audit=False):
+        sheet = tg.ScoreSheet(tokens.numel() - 1, torch.device("cpu"), audit)
         sheet.hits += 1
         if mode == "ttt":  # a score that depends on the future: the mean of the later tokens
             sheet.nats = torch.flip(torch.cumsum(torch.flip(tokens[1:].float(), [0]), 0), [0])
@@ -309,9 +396,10 @@ def test_eval_budget_stops_adaptation_but_scores_everything():
     tokens = torch.randint(2, args.vocab_size, (300,), generator=torch.Generator().manual_seed(4))
     cpu, lines = torch.device("cpu"), []
     log = lambda m, console=True: lines.append(m)  # noqa: E731
-    plain = tg.run_eval_mode("sliding_window", args, model, model, tokens, 0, 1, cpu, log).nats
+    ev = tg.Evaluation(args, model, model, cpu, log=log)
+    plain = tg.run_eval_mode(ev, "sliding_window", tokens).nats
     for mode in ("ttt", "lora"):
-        sheet = tg.run_eval_mode(mode, args, model, model, tokens, 0, 1, cpu, log)
+        sheet = tg.run_eval_mode(ev, mode, tokens)
         sheet.check_once()
         if mode == "ttt":
             assert torch.equal(sheet.nats, plain)  # no chunk was adapted
