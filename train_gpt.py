@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -1329,7 +1330,7 @@ def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
 # Loading validates every field before touching the bytes.
 # -----------------------------------------------------------------------------
 
-ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA2", b"PGQ2"
+ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
 SMALL_TENSOR_NUMEL = 65_536
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_head.weight")
 DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
@@ -1517,24 +1518,49 @@ def serialize_quantized(qstate: dict[str, dict]) -> bytes:
 
 
 def deserialize_quantized(blob: bytes) -> dict[str, dict]:
+    """Parse and validate the layout: every field is checked before a byte is read, and every
+    weight after, so a crafted header or a damaged payload is refused, never loaded."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
     try:
         header = json.loads(blob[8:8 + hlen])
-        payload, out = memoryview(blob)[8 + hlen:], {}
-        for name, entry in header["tensors"].items():
-            e = dict(bits=entry["bits"])
-            for key, a in entry["arrays"].items():
-                dtype, shape, off, n = DTYPES[a["dtype"]], [int(s) for s in a["shape"]], int(a["offset"]), int(a["nbytes"])
-                if off < 0 or off + n > len(payload) or n != math.prod(shape) * dtype.itemsize:
-                    raise DataError(f"tensor {name} extends past the payload or has a wrong size")
-                raw = unshuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize)
-                e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
-            out[name] = e
-        return out
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = memoryview(blob)[8 + hlen:]
+        return {name: parse_tensor_entry(name, entry, payload) for name, entry in header["tensors"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def parse_tensor_entry(name: str, entry: dict, payload: memoryview) -> dict:
+    bits = entry["bits"]
+    if not (bits is None or (type(bits) is int and 2 <= bits <= 8)):
+        raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
+    keys = {"q", "scale"} if bits else {"data"}
+    if set(entry["arrays"]) != keys:
+        raise DataError(f"artifact tensor {name}: arrays {sorted(entry['arrays'])}, expected {sorted(keys)}")
+    e = dict(bits=bits)
+    for key, a in entry["arrays"].items():
+        dtype, shape, off, n = DTYPES[a["dtype"]], a["shape"], a["offset"], a["nbytes"]
+        if not all(type(v) is int and v >= 0 for v in (*shape, off, n)):
+            raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off} and size {n} must be integers >= 0")
+        if off + n > len(payload) or n != math.prod(shape) * dtype.itemsize:
+            raise DataError(f"artifact tensor {name}.{key} extends past the payload or has a wrong size")
+        raw = unshuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize)
+        e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
+    if bits:
+        q, scale, qmax = e["q"], e["scale"], 2 ** (bits - 1) - 1
+        if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float16 or scale.shape != q.shape[:1]:
+            raise DataError(f"artifact tensor {name}: int8 q of shape (rows, cols) and fp16 scale of shape (rows,) expected")
+        if q.numel() and int(q.abs().max()) > qmax:
+            raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
+    elif not e["data"].is_floating_point():
+        raise DataError(f"artifact tensor {name}: unquantized data must be fp16 or fp32")
+    for key in ("scale", "data"):
+        if key in e and not torch.isfinite(e[key]).all():
+            raise DataError(f"artifact tensor {name}: non-finite {key} values")
+    return e
 
 
 def _codecs():
@@ -1552,24 +1578,34 @@ def _codecs():
 
 
 def compress_artifact(blob: bytes, compressor: str, level: int) -> bytes:
-    """ARTIFACT_MAGIC + codec id + compressed blob; `auto` keeps the smallest of the available codecs."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto`
+    keeps the smallest of the available codecs. The CRC refuses every single-bit flip and every
+    truncation, which decompressors alone do not (most flips would load as other weights)."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
         raise ConfigError(f"COMPRESSOR={compressor} is not available (have: {', '.join(codecs)}, auto)")
-    outs = [ARTIFACT_MAGIC + bytes([codecs[n][0]]) + codecs[n][1](blob, level) for n in names]
-    return min(outs, key=len)
+    bodies = [bytes([codecs[n][0]]) + codecs[n][1](blob, level) for n in names]
+    body = min(bodies, key=len)
+    return ARTIFACT_MAGIC + body[:1] + struct.pack("<I", zlib.crc32(body)) + body[1:]
 
 
 def decompress_artifact(data: bytes) -> bytes:
-    if data[:4] != ARTIFACT_MAGIC or len(data) < 5:
+    if data[:4] == b"PGA2":
+        raise DataError("artifact made by an older version of this script (no checksum): "
+                        "re-export it with QUANT_ONLY=final_model.pt")
+    if data[:4] != ARTIFACT_MAGIC or len(data) < 9:
         raise DataError("not an artifact of this script (bad magic)")
+    body = data[4:5] + data[9:]
+    if struct.unpack("<I", data[5:9])[0] != zlib.crc32(body):
+        raise DataError(f"artifact is damaged or truncated (CRC-32 mismatch over its {len(data)} bytes): "
+                        "copy it again or re-export it")
     codecs = {cid: (name, dec) for name, (cid, _, dec) in _codecs().items()}
     if data[4] not in codecs:
         raise DataError(f"artifact uses codec id {data[4]}, which is not installed or unknown")
     name, decompress = codecs[data[4]]
     try:
-        return decompress(data[5:])
+        return decompress(data[9:])
     except Exception as exc:  # each codec raises its own error type on bad input
         raise DataError(f"artifact is truncated or corrupt ({name}: {exc})") from None
 

@@ -553,6 +553,67 @@ def test_artifact_round_trip_is_bit_exact_and_corruption_is_refused(tmp_path):
         tg.load_artifact(path, fresh)
 
 
+def tiny_artifact():
+    args = tiny_args(attn_bits=6, mlp_bits=5, embed_bits=8, quant_overrides=r"\.fc\.weight$:5")
+    qstate = tg.quantize_state_dict(randomized_model(args).state_dict(), args)
+    return tg.compress_artifact(tg.serialize_quantized(qstate), "zstd", 3), qstate
+
+
+def test_every_bit_flip_and_truncation_of_an_artifact_is_refused():
+    """Seeded fuzz: 300 single-bit flips anywhere, 100 truncations and 50 multi-byte scribbles, each refused
+    with a DataError (without the checksum most flips loaded silently as other weights)."""
+    data, _ = tiny_artifact()
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(300):
+        bit = int(rng.integers(len(data) * 8))
+        cases.append(data[:bit // 8] + bytes([data[bit // 8] ^ (1 << bit % 8)]) + data[bit // 8 + 1:])
+    cases += [data[:int(rng.integers(len(data)))] for _ in range(100)]
+    for _ in range(50):
+        at, n = int(rng.integers(len(data) - 8)), int(rng.integers(2, 8))
+        cases.append(data[:at] + bytes(rng.integers(0, 256, n, dtype=np.uint8)) + data[at + n:])
+    for bad in cases:
+        if bad == data:
+            continue
+        with pytest.raises(tg.DataError):
+            tg.deserialize_quantized(tg.decompress_artifact(bad))
+
+
+def craft(qstate, edit):
+    """An artifact whose header was edited and whose checksum was recomputed: only validation can refuse it."""
+    blob = tg.serialize_quantized(qstate)
+    (hlen,) = tg.struct.unpack("<I", blob[4:8])
+    header = tg.json.loads(blob[8:8 + hlen])
+    edit(header["tensors"])
+    head = tg.json.dumps(header).encode()
+    return tg.compress_artifact(blob[:4] + tg.struct.pack("<I", len(head)) + head + blob[8 + hlen:], "zstd", 3)
+
+
+@pytest.mark.parametrize("what,edit,message", [
+    ("non-integer shape", lambda t: t["blocks.0.mlp.fc.weight"]["arrays"]["q"].update(shape=[2.5, 4]), "integers"),
+    ("bits without q", lambda t: t["blocks.0.mlp.fc.weight"]["arrays"].pop("q"), "expected"),
+    ("bits out of range", lambda t: t["blocks.0.mlp.fc.weight"].update(bits=12), "bits=12"),
+    ("negative offset", lambda t: t["blocks.0.mlp.fc.weight"]["arrays"]["q"].update(offset=-4), "integers"),
+    ("q stored as float", lambda t: t["blocks.0.mlp.fc.weight"]["arrays"]["q"].update(dtype="float16", nbytes=2 * 64 * 32), "int8 q"),
+    ("unknown dtype", lambda t: t["blocks.0.mlp.fc.weight"]["arrays"]["q"].update(dtype="complex64"), "corrupt"),
+])
+def test_a_crafted_artifact_header_is_refused_with_a_clear_error(what, edit, message):
+    _, qstate = tiny_artifact()
+    with pytest.raises(tg.DataError, match=message):
+        tg.deserialize_quantized(tg.decompress_artifact(craft(qstate, edit)))
+
+
+def test_non_finite_or_out_of_range_weights_in_an_artifact_are_refused():
+    _, qstate = tiny_artifact()
+    bad_scale = dict(qstate, **{"blocks.0.mlp.fc.weight": dict(qstate["blocks.0.mlp.fc.weight"])})
+    bad_scale["blocks.0.mlp.fc.weight"]["scale"] = bad_scale["blocks.0.mlp.fc.weight"]["scale"].clone()
+    bad_scale["blocks.0.mlp.fc.weight"]["scale"][3] = float("inf")
+    big_q = dict(qstate, **{"blocks.0.mlp.fc.weight": dict(qstate["blocks.0.mlp.fc.weight"], q=torch.full((64, 32), 100, dtype=torch.int8))})
+    for state, message in ((bad_scale, "non-finite"), (big_q, "int5 range")):
+        with pytest.raises(tg.DataError, match=message):
+            tg.deserialize_quantized(tg.decompress_artifact(tg.compress_artifact(tg.serialize_quantized(state), "zstd", 3)))
+
+
 # ----------------------------------------------------------------------------- the script end to end
 
 @pytest.mark.parametrize("over,message", [
