@@ -220,6 +220,8 @@ FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
 def misspelt_env_warnings() -> list[str]:
     out = []
     for name in sorted(os.environ):
+        if name != name.upper() and name.upper() in KNOWN_ENV:
+            out.append(f"WARNING: env {name} is not a setting: settings are upper case, did you mean {name.upper()}? (ignored)")
         if name in KNOWN_ENV or name in FOREIGN_ENV or not name.isupper():
             continue
         close = difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)
@@ -228,10 +230,17 @@ def misspelt_env_warnings() -> list[str]:
     return out
 
 
+def ns_coeffs(args) -> list[float]:
+    return [float(c) for c in args.muon_ns_coeffs.split(",")]
+
+
 def ve_layer_indices(args) -> list[int]:
     if not args.ve_enabled or not args.ve_layers.strip():
         return []
-    idx = [int(s) for s in args.ve_layers.split(",") if s.strip()]
+    try:
+        idx = [int(s) for s in args.ve_layers.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"VE_LAYERS={args.ve_layers} must be comma-separated layer indices") from None
     if any(not -args.num_layers <= i < args.num_layers for i in idx):
         raise ConfigError(f"VE_LAYERS={args.ve_layers} has a layer outside 0..{args.num_layers - 1}")
     return sorted({i % args.num_layers for i in idx})
@@ -241,9 +250,36 @@ def final_modes(args) -> list[str]:
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
+# Settings with a lower bound; the checks after these divide by some of them.
+AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
+              "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
+              "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
+              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK").split()
+AT_LEAST_0 = ("ITERATIONS WARMUP_STEPS WARMDOWN_ITERS VAL_LOSS_EVERY GRAD_ACCUM_STEPS XSA_LAST_N MUON_MOMENTUM_WARMUP_STEPS "
+              "MAX_WALLCLOCK_SECONDS GPTQ_RESERVE_SECONDS TTT_MAX_SECONDS TTT_EPOCHS TTT_FREEZE_BLOCKS MATRIX_LR SCALAR_LR "
+              "TIED_EMBED_LR EMBED_LR HEAD_LR MUON_WD ADAM_WD GRAD_CLIP_NORM LATE_QAT_THRESHOLD TTT_LR TTT_LORA_LR "
+              "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA").split()
+POSITIVE = "MLP_MULT LOGIT_SOFTCAP ROPE_BASE ADAM_EPS GPTQ_DAMP TIED_EMBED_INIT_STD NGRAM_PRIOR".split()
+
+
+def check_ranges(args) -> list[str]:
+    """Every float finite; every setting above within its bound."""
+    value = lambda name: getattr(args, name.lower())  # noqa: E731
+    err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
+           if isinstance(d, float) and not math.isfinite(value(n))]
+    err += [f"{n}={value(n)} must be >= 1" for n in AT_LEAST_1 if value(n) < 1]
+    err += [f"{n}={value(n)} must be >= 0" for n in AT_LEAST_0 if value(n) < 0]
+    err += [f"{n}={value(n)} must be > 0" for n in POSITIVE if not value(n) > 0]
+    if args.vocab_size < 4:
+        err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are the tokenizer's special pieces)")
+    return err
+
+
 def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     """Refuse impossible settings before any data is read or compute spent."""
-    err = list(ENV_ERRORS)
+    err = list(ENV_ERRORS) + check_ranges(args)
+    if err:  # the checks below assume these
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
     if args.model_dim % args.num_heads:
         err.append(f"NUM_HEADS={args.num_heads} must divide MODEL_DIM={args.model_dim}")
     elif args.num_heads % args.num_kv_heads:
@@ -258,18 +294,18 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation keeps the 8-GPU batch), "
                    "or set GRAD_ACCUM_STEPS")
     elif grad_accum_steps < 1 or args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
-        err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by world size x "
-                   f"grad accumulation x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
+        err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by WORLD_SIZE x "
+                   f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
     if not 0 < args.eval_stride <= args.eval_seq_len:
         err.append(f"EVAL_STRIDE={args.eval_stride} must be in 1..EVAL_SEQ_LEN={args.eval_seq_len}")
-    if args.num_layers < 1 or args.iterations < 0 or args.warmup_steps < 0 or args.mlp_mult <= 0:
-        err.append("NUM_LAYERS >= 1, ITERATIONS >= 0, WARMUP_STEPS >= 0 and MLP_MULT > 0 are required")
+    if int(args.mlp_mult * args.model_dim) < 1:
+        err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
+    if not all(0 <= b < 1 for b in (args.beta1, args.beta2, args.muon_momentum, args.muon_momentum_warmup_start)):
+        err.append("BETA1, BETA2, MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)")
     if args.bigram_vocab_size == 1 or args.bigram_vocab_size < 0:
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
     if not 0 <= args.ema_decay < 1:
         err.append(f"EMA_DECAY={args.ema_decay} must be in [0, 1)")
-    if args.logit_softcap <= 0 or args.swa_every < 1 or args.val_batch_size < 1 or args.train_log_every < 1:
-        err.append("LOGIT_SOFTCAP > 0, SWA_EVERY >= 1, VAL_BATCH_SIZE >= 1 and TRAIN_LOG_EVERY >= 1 are required")
     if any(not (2 <= b <= 8 or b == 16) for b in (args.attn_bits, args.mlp_bits, args.embed_bits)):
         err.append("ATTN_BITS, MLP_BITS and EMBED_BITS must be in 2..8 (or 16: fp16)")
     if args.quant_method not in ("gptq", "rtn"):
@@ -294,20 +330,19 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
                    "optionally followed by +ngram")
     if args.ttt_optimizer not in ("sgd", "adamw"):
         err.append(f"TTT_OPTIMIZER={args.ttt_optimizer} must be sgd or adamw")
-    if min(args.ttt_chunk_tokens, args.ttt_batch_seqs, args.ttt_lora_rank, args.ttt_lora_batch, args.ttt_lora_chunk) < 1:
-        err.append("TTT_CHUNK_TOKENS, TTT_BATCH_SEQS, TTT_LORA_RANK, TTT_LORA_BATCH and TTT_LORA_CHUNK must be >= 1")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
         err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}: "
                    "a window must hold the whole chunk it scores")
-    if not 0 <= args.ttt_freeze_blocks <= args.num_layers or args.ttt_epochs < 0:
-        err.append(f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={args.num_layers} and TTT_EPOCHS >= 0")
-    if not 1 <= args.ngram_order <= 8 or min(args.ngram_buckets, args.ngram_entropy_bins, args.ngram_chunk) < 1:
-        err.append("NGRAM_ORDER must be in 1..8, NGRAM_BUCKETS, NGRAM_ENTROPY_BINS and NGRAM_CHUNK >= 1")
-    if args.ngram_prior <= 0 or not 0 < args.ngram_init_weight < 1:
-        err.append("NGRAM_PRIOR > 0 and 0 < NGRAM_INIT_WEIGHT < 1 are required")
+    if args.ttt_freeze_blocks > args.num_layers:
+        err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
+    if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
+        err.append("NGRAM_ORDER must be in 1..8 and NGRAM_INIT_WEIGHT in (0, 1)")
     if args.attn_backend not in ("auto", "fa3", "fa2", "sdpa", *(f"sdpa_{k}" for k in SDPA_KERNELS)):
         err.append(f"ATTN_BACKEND={args.attn_backend} must be auto, fa3, fa2, sdpa or sdpa_{{{','.join(SDPA_KERNELS)}}}")
-    if len(args.muon_ns_coeffs.split(",")) != 3:
+    try:
+        if len(ns_coeffs(args)) != 3 or not all(map(math.isfinite, ns_coeffs(args))):
+            raise ValueError
+    except ValueError:
         err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c")
     try:
         ve_layer_indices(args)
@@ -1669,7 +1704,7 @@ def build_optimizers(model: GPT, args, fused: bool):
     if model.lm_head is not None:
         optimizers.append(adam([model.lm_head.weight], args.head_lr))
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
-                coeffs=[float(c) for c in args.muon_ns_coeffs.split(",")], weight_decay=args.muon_wd)
+                coeffs=ns_coeffs(args), weight_decay=args.muon_wd)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
     return optimizers + [muon], muon
@@ -1825,7 +1860,11 @@ def main() -> None:
     # Tokenizer and data checks, before any compute.
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"tokenizer {args.tokenizer_path} is not a readable SentencePiece model ({exc}): "
+                        "download it again or set TOKENIZER_PATH") from None
     if int(sp.vocab_size()) != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
     luts = build_sentencepiece_luts(sp, args.vocab_size, device)
