@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -172,6 +173,7 @@ class Hyperparameters:
     fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)  # fit-to-cap never prunes more than this
     eval_only = env("EVAL_ONLY", "")  # path of an artifact: load it and evaluate, no training
     quant_only = env("QUANT_ONLY", "")  # path of final_model.pt: re-quantize, export, evaluate
+    resume = env("RESUME", "")  # checkpoints/<RUN_ID> of an interrupted run: continue it exactly
 
     # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
@@ -323,6 +325,8 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     for name in ("eval_only", "quant_only"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             err.append(f"{name.upper()}={getattr(args, name)}: no such file")
+    if args.resume and not os.path.isdir(args.resume):
+        err.append(f"RESUME={args.resume}: no such checkpoint folder (an interrupted run saves checkpoints/<RUN_ID>)")
     modes = final_modes(args)
     bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
     if bad or not modes:
@@ -452,7 +456,8 @@ def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tenso
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
-def load_data_shard(path, vocab_size: int | None = None) -> np.ndarray:
+def shard_token_count(path) -> int:
+    """Check a shard's header and size (no token is read); returns its token count."""
     path = str(path)
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
@@ -461,13 +466,18 @@ def load_data_shard(path, vocab_size: int | None = None) -> np.ndarray:
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n = int(header[2])
-    if size != HEADER_INTS * 4 + 2 * n:
+    if n < 0 or size != HEADER_INTS * 4 + 2 * n:
         raise DataError(f"{path}: {size} bytes but the header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes): "
-                         "truncated or corrupt, download or export it again")
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+                        "truncated or corrupt, download or export it again")
+    return n
+
+
+def load_data_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    n = shard_token_count(path)
+    tokens = np.fromfile(str(path), dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
         raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: "
-                         "shards and tokenizer do not match")
+                        "shards and tokenizer do not match")
     return tokens
 
 
@@ -484,8 +494,13 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
-        self.file_idx, self.pos = 0, 0
-        self.tokens = load_data_shard(self.files[0], vocab_size)
+        for f in self.files:  # every header and size now: a bad shard found mid-run wastes the run up to it
+            shard_token_count(f)
+        self.seek(0, 0)
+
+    def seek(self, file_idx: int, pos: int) -> None:
+        self.file_idx, self.pos = file_idx, pos
+        self.tokens = load_data_shard(self.files[file_idx], self.vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
@@ -1803,6 +1818,186 @@ class Logger:
 LOG = Logger()
 
 
+class HostCopy:
+    """A small device tensor on its way to the host, copied behind the work queued so far: reading
+    it a step later waits for that step only, never for the step in flight."""
+
+    def __init__(self, t: Tensor):
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.clone()
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class Trainer:
+    """The training loop and everything it changes: weights, optimizer state, the data position,
+    the averager, the step and the training time. A checkpoint holds all of it, one file per rank
+    (Muon keeps each matrix's momentum on the rank that orthogonalizes it), so a resumed run
+    continues exactly where the interrupted one stopped. SIGTERM / SIGINT stop every rank at the
+    same step and save a checkpoint; so does any failure once training has begun."""
+
+    def __init__(self, args, base_model: nn.Module, model: nn.Module, qat_layers, device, rank: int,
+                 world_size: int, grad_accum_steps: int, log):
+        self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
+        self.device, self.rank, self.world_size, self.grad_accum_steps, self.log = device, rank, world_size, grad_accum_steps, log
+        self.local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
+        self.optimizers, self.muon = build_optimizers(base_model, args, fused=device.type == "cuda")
+        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
+        self.averager = WeightAverager(base_model, args)
+        self.step, self.train_ms, self.qat_on, self.signal = 0, 0.0, False, None
+        reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
+        self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
+        self.checkpoint_dir = Path("checkpoints") / args.run_id
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self, step: int, scale: float) -> Tensor:
+        loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device)
+        optimizer_step(self.base_model, self.optimizers, self.muon, self.args, step, scale)
+        return loss
+
+    def warmup(self) -> None:
+        """Compile and prime every path, then restore the initial weights, optimizer state and data."""
+        if self.args.warmup_steps <= 0:
+            return
+        init_model = copy.deepcopy(self.base_model.state_dict())
+        init_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        for ws in range(self.args.warmup_steps):
+            self.train_step(0, 1.0)
+            self.log(f"warmup_step:{ws + 1}/{self.args.warmup_steps}")
+        self.base_model.load_state_dict(init_model)
+        for opt, st in zip(self.optimizers, init_opts):
+            opt.load_state_dict(st)
+        self.loader.stream.seek(0, 0)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
+                    ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
+                    data=(self.loader.stream.file_idx, self.loader.stream.pos), step=self.step, train_ms=self.train_ms,
+                    qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
+
+    def save(self, why: str) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
+        if self.rank == 0:
+            torch.save(self.averager.final()[1], "final_model.pt")
+        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} (weights, optimizer state, data "
+                 f"position, averager) and the averaged weights as final_model.pt; continue with RESUME={self.checkpoint_dir}")
+
+    def resume(self, path: str) -> None:
+        file = Path(path) / f"rank{self.rank}.pt"
+        if not file.is_file():
+            raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
+        st = torch.load(file, map_location=self.device, weights_only=False)
+        if st["world_size"] != self.world_size:
+            raise DataError(f"RESUME={path} was saved by {st['world_size']} processes, not {self.world_size}")
+        changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))
+        if changed:
+            self.log(f"WARNING: resuming with settings changed since the checkpoint: {', '.join(changed)}")
+        self.base_model.load_state_dict(st["model"])
+        for opt, o in zip(self.optimizers, st["optimizers"]):
+            opt.load_state_dict(o)
+        self.averager.ema, self.averager.swa, self.averager.swa_count = st["ema"], st["swa"], st["swa_count"]
+        self.loader.stream.seek(*st["data"])
+        self.step, self.train_ms, self.qat_on = st["step"], st["train_ms"], st["qat_on"]
+        if self.qat_on:
+            refresh_qat(self.qat_layers, clip_ratios(self.args))
+        self.log(f"resume: {path} step:{self.step} train_time:{self.train_ms:.0f}ms")
+
+    def on_signal(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self, evaluate) -> None:
+        """Train until ITERATIONS or the wallclock cap (or a signal), validating every VAL_LOSS_EVERY steps."""
+        args, log = self.args, self.log
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        stop_after_step = None
+        pending = None  # last step's flags (a HostCopy), read one step late: the host never stalls the GPU
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            while True:
+                step = self.step
+                last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
+                if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                    self.sync()
+                    self.train_ms += 1000 * (time.perf_counter() - t0)
+                    val_loss, val_bpb = evaluate("roundtrip")
+                    log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                        f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(step, 1):.2f}ms")
+                    self.sync()
+                    t0 = time.perf_counter()
+                if last_step:
+                    if self.signal is None and stop_after_step is not None and step < args.iterations:
+                        log(f"stopping_early: wallclock_cap train_time:{self.train_ms:.0f}ms step:{step}/{args.iterations}")
+                    break
+                elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
+                scale = lr_scale(args, step, elapsed_ms, self.cap_ms)
+                loss = self.train_step(step, scale)
+                if self.qat_layers and scale < args.late_qat_threshold:
+                    if not self.qat_on:
+                        log(f"late_qat:enabled step:{step} lr_scale:{scale:.4f} layers:{len(self.qat_layers)}")
+                        self.qat_on = True
+                    refresh_qat(self.qat_layers, clip_ratios(args))
+                self.averager.update(step, scale)
+                self.step = step = step + 1
+                approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
+                if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
+                    stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
+                # torch.full launches a fill: torch.tensor(x, device=cuda) would copy from the host and sync.
+                flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
+                                                      (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
+                if self.world_size > 1:
+                    dist.all_reduce(flags)  # a NaN or a signal on any rank reaches every rank: all stop together
+                pending = HostCopy(flags)
+                if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
+                    remaining = f" remaining:{max(self.cap_ms - approx_ms, 0) / 1000:.0f}s" if self.cap_ms is not None else ""
+                    log(f"step:{step}/{args.iterations} train_loss:{flags[0].item() / self.world_size:.4f} "
+                        f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms{remaining}")
+            if pending is not None:
+                self.act_on(self.step, pending.get(), self.step, stop_after_step)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.signal is not None:
+            self.save(f"stopped by signal {signal.Signals(self.signal).name}")
+            raise SystemExit(128 + self.signal)
+        if self.device.type == "cuda":
+            log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    def act_on(self, done_step: int, flags: list[float], step: int, stop_after_step):
+        """A finished step's [loss sum, ranks at the cap, ranks signalled]: stop on a non-finite loss,
+        stop after this step at the cap or on a signal."""
+        loss, capped, signalled = flags
+        if not math.isfinite(loss):
+            self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
+                     "Lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data.")
+            raise SystemExit(4)
+        if signalled and self.signal is None:
+            self.signal = signal.SIGTERM  # another rank was signalled
+        return step if (capped or signalled) and stop_after_step is None else stop_after_step
+
+
+def config_dict(args) -> dict:
+    return {k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}
+
+
 def require_packages(args) -> None:
     for name in ("sentencepiece", "zstandard") + (("brotli",) if args.compressor == "brotli" else ()):
         try:
@@ -1811,13 +2006,64 @@ def require_packages(args) -> None:
             raise SystemExit(f"error: the python package `{name}` is required: pip install -r requirements.txt")
 
 
+def load_tokenizer_tables(args, device):
+    """The sentencepiece model's byte tables, after checking it matches VOCAB_SIZE."""
+    import sentencepiece as spm
+    if not os.path.isfile(args.tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"tokenizer {args.tokenizer_path} is not a readable SentencePiece model ({exc}): "
+                        "download it again or set TOKENIZER_PATH") from None
+    if int(sp.vocab_size()) != args.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
+    return build_sentencepiece_luts(sp, args.vocab_size, device)
+
+
+def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code: str, label: str, pre_quant_bpb: float,
+                     device, world_size: int, log) -> None:
+    """Quantize (GPTQ calibration counts as training time: it reads training data), compress, fit
+    the cap, write the artifact, load it back and score exactly what was written."""
+    master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
+    t = time.perf_counter()
+    hessians = None
+    if args.quant_method == "gptq":
+        hessians = collect_hessians(base_model, calib_batches, args, device, world_size)
+    qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
+    quant_s = time.perf_counter() - t
+    over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
+    log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
+        + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
+    code_bytes = len(code.encode("utf-8"))
+    artifact = f"final_model.{label.split('_')[0]}.ptz"
+    try:
+        data, final_state = build_artifact(qstate, args, code_bytes, log)
+    except ArtifactOverCap as exc:
+        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}. final_model.pt is kept; "
+            "shrink the model, lower ATTN_BITS/MLP_BITS/EMBED_BITS, or re-quantize with QUANT_ONLY=final_model.pt.")
+        raise SystemExit(3)
+    if master:
+        Path(artifact).write_bytes(data)
+    log(f"Serialized model {label.replace('_', '+')}: {len(data)} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
+    if final_state is not qstate:  # fit-to-cap pruned: measure what it cost
+        base_model.load_state_dict(dequantize_state_dict(qstate))
+        _, unpruned_bpb = evaluate("roundtrip")
+        log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
+    if distributed:
+        dist.barrier()
+    load_artifact(artifact, base_model)
+    final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size)
+
+
 def main() -> None:
     code = Path(__file__).read_text(encoding="utf-8")
     args = Hyperparameters()
     require_packages(args)
-    import sentencepiece as spm
 
-    # Distributed + device setup.
+    # Distributed + device setup; the configuration is checked before anything is read or built.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1853,26 +2099,17 @@ def main() -> None:
     if device.type == "cuda":
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
         log(f"gpus:{world_size}x {torch.cuda.get_device_name(device)}")
-    log("config " + json.dumps({k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}, sort_keys=True))
+    log("config " + json.dumps(config_dict(args), sort_keys=True))
     for w in warnings:
         log(w, console=False)
 
     # Tokenizer and data checks, before any compute.
-    if not os.path.isfile(args.tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    except (OSError, RuntimeError) as exc:
-        raise DataError(f"tokenizer {args.tokenizer_path} is not a readable SentencePiece model ({exc}): "
-                        "download it again or set TOKENIZER_PATH") from None
-    if int(sp.vocab_size()) != args.vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
-    luts = build_sentencepiece_luts(sp, args.vocab_size, device)
+    luts = load_tokenizer_tables(args, device)
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    if not args.eval_only:  # training and GPTQ calibration read training data
-        train_loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
-        log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_loader.stream.files)}")
+    if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now
+        train_files = shard_files(args.train_files, "training")
+        log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
 
     random.seed(args.seed)
@@ -1884,10 +2121,7 @@ def main() -> None:
     backend = select_attention(args.attn_backend, device)
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if device.type == "cuda" and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
-    optimizers, muon = build_optimizers(base_model, args, fused=device.type == "cuda")
-
-    n_params = sum(p.numel() for p in base_model.parameters())
-    log(f"model_params:{n_params}")
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
     log(f"attention_backend:{backend} compile:{compiled is not base_model} act_dtype:{str(act_dtype).removeprefix('torch.')}")
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads}")
@@ -1896,17 +2130,6 @@ def main() -> None:
     log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} iterations:{args.iterations} "
         f"warmup_steps:{args.warmup_steps} max_wallclock_seconds:{args.max_wallclock_seconds:.3f}")
     log(f"seed:{args.seed}")
-
-    local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
-
-    def train_step(step: int, scale: float) -> Tensor:
-        loss = forward_backward(model, train_loader, args, grad_accum_steps, local_tokens, device)
-        optimizer_step(base_model, optimizers, muon, args, step, scale)
-        return loss
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
@@ -1920,121 +2143,38 @@ def main() -> None:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
         final_evaluation(label, evaluate, log, args, None, world_size)
-        if distributed:
-            dist.destroy_process_group()
-        return
-    if args.quant_only:
-        try:
-            base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
-        except Exception as exc:
-            raise DataError(f"QUANT_ONLY={args.quant_only} is not a checkpoint of this configuration: {exc}") from None
-        source = f"checkpoint {args.quant_only}"
     else:
-        # Warm-up: compile and prime every path, then restore the initial weights and optimizer state.
-        if args.warmup_steps > 0:
-            init_model = copy.deepcopy(base_model.state_dict())
-            init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
-            for ws in range(args.warmup_steps):
-                train_step(0, 1.0)
-                log(f"warmup_step:{ws + 1}/{args.warmup_steps}")
-            base_model.load_state_dict(init_model)
-            for opt, st in zip(optimizers, init_opts):
-                opt.load_state_dict(st)
-            train_loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
-        averager = WeightAverager(base_model, args)
-        reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
-        cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
-        training_time_ms, stop_after_step, step, qat_on = 0.0, None, 0, False
-        pending = None  # last step's [loss, reached_cap] (a HostCopy), read one step late: the host never stalls the GPU
-        sync()
-        t0 = time.perf_counter()
-        while True:
-            last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
-            if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-                sync()
-                training_time_ms += 1000 * (time.perf_counter() - t0)
-                val_loss, val_bpb = evaluate("roundtrip")
-                log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
-                sync()
-                t0 = time.perf_counter()
-            if last_step:
-                if stop_after_step is not None and step < args.iterations:
-                    log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
-                break
-            elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-            scale = lr_scale(args, step, elapsed_ms, cap_ms)
-            loss = train_step(step, scale)
-            if qat_layers and scale < args.late_qat_threshold:
-                if not qat_on:
-                    log(f"late_qat:enabled step:{step} lr_scale:{scale:.4f} layers:{len(qat_layers)}")
-                    qat_on = True
-                refresh_qat(qat_layers, clip_ratios(args))
-            averager.update(step, scale)
-            step += 1
-            approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-            if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
-                stop_after_step = check_step(step - 1, pending.get(), step, stop_after_step, log)
-            # torch.full launches a fill: torch.tensor(x, device=cuda) would copy from the host and sync.
-            flags = torch.stack((loss.float(), torch.full((), float(cap_ms is not None and approx_ms >= cap_ms), device=device)))
-            if distributed:
-                dist.all_reduce(flags)  # a NaN on any rank reaches every rank, so all stop together
-            pending = HostCopy(flags)
-            if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
-                train_loss = flags[0].item() / world_size
-                remaining = f" remaining:{max(cap_ms - approx_ms, 0) / 1000:.0f}s" if cap_ms is not None else ""
-                log(f"step:{step}/{args.iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms{remaining}")
-        if pending is not None:
-            check_step(step, pending.get(), step, stop_after_step, log)
-        if device.type == "cuda":
-            log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        source, averaged = averager.final()
-        base_model.load_state_dict(averaged)
-    for m in qat_layers:  # the exported weights are evaluated as they are, without the QAT delta
-        m.qat_delta.zero_()
-
-    t = time.perf_counter()
-    val_loss, val_bpb = evaluate("roundtrip")
-    log(f"final_weights:{source} pre_quant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-        f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
-    if master and not args.quant_only:
-        torch.save(base_model.state_dict(), "final_model.pt")
-        log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
-
-    # Quantize (GPTQ calibration counts as training time: it reads training data), compress, fit.
-    t = time.perf_counter()
-    hessians = None
-    if args.quant_method == "gptq":
-        batches = (train_loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
-        hessians = collect_hessians(base_model, batches, args, device, world_size)
-    qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
-    quant_s = time.perf_counter() - t
-    over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
-    log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
-        + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
-    code_bytes = len(code.encode("utf-8"))
-    artifact = f"final_model.{label.split('_')[0]}.ptz"
-    try:
-        data, final_state = build_artifact(qstate, args, code_bytes, log)
-    except ArtifactOverCap as exc:
-        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}. final_model.pt is kept; "
-            "shrink the model, lower ATTN_BITS/MLP_BITS/EMBED_BITS, or re-quantize with QUANT_ONLY=final_model.pt.")
-        raise SystemExit(3)
-    if master:
-        Path(artifact).write_bytes(data)
-    log(f"Serialized model {label.replace('_', '+')}: {len(data)} bytes")
-    log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
-    if final_state is not qstate:  # fit-to-cap pruned: measure what it cost
-        base_model.load_state_dict(dequantize_state_dict(qstate))
-        _, unpruned_bpb = evaluate("roundtrip")
-        log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
-    if distributed:
-        dist.barrier()
-    load_artifact(artifact, base_model)  # score exactly what was written
-    final_evaluation(label, evaluate, log, args, val_bpb, world_size)
+        if args.quant_only:
+            try:
+                base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
+            except Exception as exc:
+                raise DataError(f"QUANT_ONLY={args.quant_only} is not a checkpoint of this configuration: {exc}") from None
+            source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
+        else:
+            trainer = Trainer(args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log)
+            trainer.warmup()
+            if args.resume:
+                trainer.resume(args.resume)
+            try:
+                trainer.run(evaluate)
+            except Exception:  # a crash after training began keeps what was learnt
+                trainer.save("failure")
+                raise
+            source, averaged = trainer.averager.final()
+            base_model.load_state_dict(averaged)
+            loader = trainer.loader
+        for m in qat_layers:  # the exported weights are evaluated as they are, without the QAT delta
+            m.qat_delta.zero_()
+        t = time.perf_counter()
+        val_loss, val_bpb = evaluate("roundtrip")
+        log(f"final_weights:{source} pre_quant val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        if master and not args.quant_only:
+            torch.save(base_model.state_dict(), "final_model.pt")
+            log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
+        local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
+        calib = (loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
+        export_and_score(args, base_model, calib, evaluate, code, label, val_bpb, device, world_size, log)
     if distributed:
         dist.destroy_process_group()
 
@@ -2056,36 +2196,6 @@ def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | Non
         if mode == "roundtrip" and pre_quant_bpb is not None:
             log(f"quant_gap val_bpb:{bpb - pre_quant_bpb:+.5f}")
     log(f"final_eval:done total_eval_time:{time.perf_counter() - t0:.1f}s")  # missing if killed while evaluating
-
-
-class HostCopy:
-    """A small device tensor on its way to the host, copied behind the work queued so far: reading
-    it a step later waits for that step only, never for the step in flight."""
-
-    def __init__(self, t: Tensor):
-        self.event = None
-        if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = t.clone()
-
-    def get(self) -> list:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
-def check_step(done_step: int, flags: list[float], step: int, stop_after_step, log):
-    """Act on a finished step's [loss sum, reached-cap count]: stop on a non-finite loss, note the cap."""
-    loss, capped = flags
-    if not math.isfinite(loss):
-        log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
-            "Lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data.")
-        raise SystemExit(4)
-    return step if capped and stop_after_step is None else stop_after_step
 
 
 if __name__ == "__main__":

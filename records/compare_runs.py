@@ -72,6 +72,9 @@ def main(argv=None) -> None:
         runs = [read_log(path) for path in a.logs]
     except (LogError, OSError) as e:
         sys.exit(f"error: {e}")
+    for run in runs:
+        if run.note:
+            print(f"note: {run.note}", file=sys.stderr)
     print(table(runs))
     if a.plot:
         try:

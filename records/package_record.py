@@ -232,11 +232,15 @@ def readme(runs: list[RunLog], sub: dict, settings: dict, packed: bool, signific
 
 
 def package(log_paths: list[Path], meta: dict, track: str, pack_code: bool, previous: list[float] | None,
-            records_dir: Path) -> Path:
+            records_dir: Path, which: int | None = None) -> Path:
     try:
-        runs = [read_log(p) for p in log_paths]
+        runs = [read_log(p, which) for p in log_paths]
     except (LogError, OSError) as e:
         raise PackageError(str(e)) from None
+    several = [str(r.path) for r in runs if r.runs_in_file > 1 and which is None]
+    if several:
+        raise PackageError(f"{', '.join(several)} hold(s) several runs (a reused RUN_ID or a resumed run): "
+                           "say which with --run N (1 = the first in the file)")
     runs.sort(key=lambda r: r.seed)
     if pack_code and unpack(runs[0].code) is not None:
         raise PackageError("the logged code is already packed: drop --pack")
@@ -270,6 +274,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", type=Path, nargs="+", help="logs/<RUN_ID>.txt of each seed")
     p.add_argument("--name", required=True, help="submission name; also names the folder")
+    p.add_argument("--run", type=int, metavar="N", help="the run to use in logs that hold several (1 = first)")
     p.add_argument("--author", required=True)
     p.add_argument("--github-id", required=True)
     p.add_argument("--blurb", required=True, help="one paragraph: what the submission does")
@@ -285,7 +290,7 @@ def main(argv=None) -> None:
         p.error(f"--date {a.date!r} is not YYYY-MM-DD")
     meta = dict(author=a.author, github_id=a.github_id, name=a.name, blurb=a.blurb, date=a.date)
     try:
-        out = package(a.logs, meta, a.track, a.pack, a.previous, a.records_dir)
+        out = package(a.logs, meta, a.track, a.pack, a.previous, a.records_dir, a.run)
     except PackageError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}/ (train_gpt.py, {len(a.logs)} log(s), submission.json, README.md)")

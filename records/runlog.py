@@ -6,6 +6,9 @@ only from the part after the code snapshot (the source itself contains these str
 
 The submission score is the last `final_*_exact` line: the script scores the modes of FINAL_EVAL
 in order, and its README says to list the scoring mode last.
+
+The script appends to its log, so a file may hold several runs (a reused RUN_ID, a resumed run):
+read_runs splits them, read_log takes the last complete one and says so in `note`.
 """
 from __future__ import annotations
 
@@ -77,6 +80,8 @@ class RunLog:
     eval_done: bool = False  # the `final_eval:done` line: every FINAL_EVAL mode was scored
     step_avg_ms: float | None = None
     errors: list[str] = field(default_factory=list)
+    note: str = ""  # set when the file holds several runs: which one this is
+    runs_in_file: int = 1
 
     @property
     def run_id(self) -> str:
@@ -131,18 +136,58 @@ def split_snapshot(text: str, path) -> tuple[str, str]:
     return text[:m.start() - 1], text[m.start() + len(SEPARATOR) + 1:]
 
 
-def read_log(path) -> RunLog:
+def split_runs(text: str, path) -> list[str]:
+    """The runs a log holds: the script appends, so a reused RUN_ID (or a resumed run) adds a whole
+    run (code snapshot, separator, lines) after the last. A run's snapshot starts with a line
+    equal to the first line of the file (the script's first line), which no log line is."""
+    first = text.split("\n", 1)[0] + "\n"
+    starts = [0]
+    for m in re.finditer(rf"^{SEPARATOR}\nRunning Python ", text, re.M):
+        if m.start() > starts[-1]:
+            nxt = text.find("\n" + first, m.end())
+            nxt_sep = re.search(rf"^{SEPARATOR}\nRunning Python ", text[m.end():], re.M)
+            if nxt >= 0 and nxt_sep and nxt + 1 < m.end() + nxt_sep.start():
+                starts.append(nxt + 1)
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def read_runs(path) -> list[RunLog]:
+    """Every run in a log file, in order."""
     path = Path(path)
     with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the code's bytes exactly
-        code, body = split_snapshot(f.read(), path)
-    run = RunLog(path=path, code=code, config={})
-    for line in body.splitlines():
-        try:
-            parse_line(run, line)
-        except ValueError as e:  # a line that matches a pattern but holds no number (or bad JSON)
-            raise LogError(f"{path}: cannot read {line[:80]!r}: {e}") from None
-    if not run.config:
-        raise LogError(f"{path}: no `config {{...}}` line")
+        text = f.read()
+    runs = []
+    for part in split_runs(text, path):
+        code, body = split_snapshot(part, path)
+        run = RunLog(path=path, code=code, config={})
+        for line in body.splitlines():
+            try:
+                parse_line(run, line)
+            except ValueError as e:  # a line that matches a pattern but holds no number (or bad JSON)
+                raise LogError(f"{path}: cannot read {line[:80]!r}: {e}") from None
+        if not run.config:
+            raise LogError(f"{path}: no `config {{...}}` line")
+        runs.append(run)
+    return runs
+
+
+def read_log(path, which: int | None = None) -> RunLog:
+    """One run of a log. A log that holds several runs gives the last complete one (a score and
+    final_eval:done), or the last if none is complete, and says so in `note`; `which` (1-based)
+    picks one."""
+    runs = read_runs(path)
+    if which is not None:
+        if not 1 <= which <= len(runs):
+            raise LogError(f"{path}: run {which} asked for, but the log holds {len(runs)} run(s)")
+        run = runs[which - 1]
+    else:
+        complete = [i for i, r in enumerate(runs) if r.failure() is None]
+        i = complete[-1] if complete else len(runs) - 1
+        run = runs[i]
+        if len(runs) > 1:
+            run.note = (f"{path}: holds {len(runs)} runs (a reused RUN_ID or a resumed run); using run {i + 1}, "
+                        f"the last {'complete one' if complete else 'one (none is complete)'}")
+    run.runs_in_file = len(runs)
     return run
 
 

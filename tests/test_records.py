@@ -121,6 +121,28 @@ def test_not_a_log_is_refused(tmp_path):
         runlog.read_log(tmp_path / "x.txt")
 
 
+def test_a_log_with_several_runs_is_split_and_the_last_complete_run_is_used(runs, tmp_path):
+    """A reused RUN_ID appends a whole run: read as one, its curves zig-zagged and its score came from
+    whichever run printed last. A crashed third run does not replace the complete second one."""
+    first = seed_log(runs["plain"], tmp_path / "a.txt", 1, 6.1).read_text()
+    second = seed_log(runs["plain"], tmp_path / "b.txt", 2, 6.2).read_text()
+    crashed = edited(runs["plain"], tmp_path / "c.txt", cut=r"final_").read_text()
+    both = tmp_path / "both.txt"
+    both.write_text(first + second + crashed)
+    parts = runlog.read_runs(both)
+    assert [r.seed for r in parts] == [1, 2, 1337] and [len(r.train) for r in parts] == [len(parts[0].train)] * 3
+    run = runlog.read_log(both)
+    assert run.seed == 2 and run.score().val_loss == pytest.approx(6.2) and "holds 3 runs; using run 2" in run.note
+    assert [s for s, *_ in run.train] == sorted(s for s, *_ in run.train)  # one run's curve, no zig-zag
+    assert runlog.read_log(both, 1).seed == 1
+    with pytest.raises(package_record.PackageError, match="--run N"):
+        package([both], tmp_path)
+    out = package([both], tmp_path, which=2)
+    assert json.loads((out / "submission.json").read_text())["val_loss"] == pytest.approx(6.2)
+    shown = subprocess.run([sys.executable, str(ROOT / "records" / "compare_runs.py"), str(both)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "using run 2" in shown.stderr
+
+
 # ----------------------------------------------------------------------------- packaging
 
 def package(logs, tmp_path, **kw):

@@ -639,7 +639,7 @@ def test_misspelt_setting_is_warned(sample, tmp_path):
 
 
 def test_nan_loss_stops_the_run(sample, tmp_path):
-    out = run_script(tmp_path, tiny_run_env(sample, ITERATIONS=6, MATRIX_LR="inf"))
+    out = run_script(tmp_path, tiny_run_env(sample, ITERATIONS=6, MATRIX_LR="1e38", SCALAR_LR="1e38", TIED_EMBED_LR="1e38"))
     assert out.returncode == 4 and "non-finite training loss" in out.stdout
     assert "final_int6" not in out.stdout
     log = next((tmp_path / "logs").glob("*.txt")).read_text()
@@ -652,6 +652,67 @@ def test_over_the_cap_is_refused_without_a_final_score(sample, tmp_path):
     assert "final_int6" not in out.stdout and "Total submission size" not in out.stdout
     assert (tmp_path / "final_model.pt").exists(), "the trained weights must survive for QUANT_ONLY"
     assert "over the cap" in next((tmp_path / "logs").glob("*.txt")).read_text()
+
+
+def two_shard_data(sample, tmp_path, second):
+    """The sample's validation shard, a first training shard of 4,000 tokens, and `second`."""
+    data = tmp_path / "data"
+    data.mkdir()
+    src = Path(sample[0])
+    (data / "fineweb_val_000000.bin").write_bytes((src / "fineweb_val_000000.bin").read_bytes())
+    write_shard(data / "fineweb_train_000000.bin", tg.load_data_shard(src / "fineweb_train_000000.bin")[:4000])
+    second(data / "fineweb_train_000001.bin")
+    return str(data)
+
+
+def test_a_truncated_later_shard_is_refused_before_any_step(sample, tmp_path):
+    def truncated(path):
+        write_shard(path, np.arange(3000) % 500)
+        path.write_bytes(path.read_bytes()[:-10])
+    env = tiny_run_env(sample, DATA_PATH=two_shard_data(sample, tmp_path, truncated), ITERATIONS=20)
+    out = run_script(tmp_path, env)
+    assert out.returncode == 1 and "fineweb_train_000001.bin" in out.stderr and "truncated" in out.stderr
+    assert "step:" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_a_failure_after_training_began_saves_the_averaged_weights(sample, tmp_path):
+    bad_ids = lambda path: write_shard(path, np.full(3000, 600))  # noqa: E731  ids >= VOCAB_SIZE=512: found on loading
+    env = tiny_run_env(sample, DATA_PATH=two_shard_data(sample, tmp_path, bad_ids), ITERATIONS=20, RUN_ID="crash")
+    out = run_script(tmp_path, env)
+    assert out.returncode == 1 and "token id 600 >= VOCAB_SIZE=512" in out.stderr and "Traceback" not in out.stderr
+    assert "checkpoint: failure at step 3" in out.stdout  # 4,000 tokens = 3 steps of 1,024 (+1 target token)
+    assert (tmp_path / "final_model.pt").is_file() and (tmp_path / "checkpoints" / "crash" / "rank0.pt").is_file()
+    saved = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_a_run_stopped_by_sigterm_resumes_exactly(sample, tmp_path):
+    """SIGTERM mid-run saves a checkpoint; RESUME continues it to the same final numbers as a run
+    never interrupted: weights, Muon and Adam state, EMA, late QAT, the data position and the LR
+    schedule all carry over."""
+    env = tiny_run_env(sample, ITERATIONS=40, WARMDOWN_ITERS=20, LATE_QAT_THRESHOLD=0.5, RUN_ID="r", TRAIN_LOG_EVERY=1,
+                       QUANT_OVERRIDES=r"\.(c_q|fc)\.weight$:6", FINAL_EVAL="roundtrip")
+    full, part = tmp_path / "full", tmp_path / "part"
+    full.mkdir(), part.mkdir()
+    whole = run_script(full, env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    env_proc = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV} | {k: str(v) for k, v in env.items()}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=part, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_proc | dict(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith("step:3/40 train_loss"):
+            proc.send_signal(tg.signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + tg.signal.SIGTERM, rest[-2000:]
+    stopped = int(re.search(r"checkpoint: stopped by signal SIGTERM at step (\d+)", rest).group(1))
+    assert 3 <= stopped < 40 and "_exact" not in rest
+    resumed = run_script(part, env | dict(RESUME="checkpoints/r"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resume: checkpoints/r step:{stopped}" in resumed.stdout and "late_qat:enabled" in whole.stdout
+    key = "final_int6_zstd_roundtrip_exact"
+    assert final_value(resumed.stdout, key) == final_value(whole.stdout, key)
+    assert final_value(resumed.stdout, "final_weights:ema pre_quant") == final_value(whole.stdout, "final_weights:ema pre_quant")
 
 
 def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path):
