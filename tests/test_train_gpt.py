@@ -616,26 +616,61 @@ def test_non_finite_or_out_of_range_weights_in_an_artifact_are_refused():
 
 # ----------------------------------------------------------------------------- the script end to end
 
-@pytest.mark.parametrize("over,message", [
-    (dict(NUM_HEADS=3), "NUM_HEADS=3 must divide MODEL_DIM"),
-    (dict(NUM_KV_HEADS=3, NUM_HEADS=4), "NUM_KV_HEADS=3 must divide NUM_HEADS"),
-    (dict(ROPE_DIMS=7), "ROPE_DIMS=7"),
-    (dict(TRAIN_BATCH_TOKENS=1000), "TRAIN_BATCH_TOKENS=1000 must be divisible"),
-    (dict(VOCAB_SIZE=1024), "VOCAB_SIZE=1024 but"),
-    (dict(ITERATIONS="ten"), "ITERATIONS='ten' is not a valid int"),
-    (dict(DATA_PATH="/nonexistent"), "cached_challenge_fineweb.py"),
-])
-def test_bad_configuration_stops_before_compute(sample, tmp_path, over, message):
-    env = tiny_run_env(sample, **over)
-    out = run_script(tmp_path, env, timeout=120)
-    assert out.returncode != 0
-    assert message in out.stderr, out.stderr[-2000:]
-    assert "step:" not in out.stdout
+def troubleshooting_rows():
+    """(settings, exit code, message) of each row of the README's bad-input table."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Troubleshooting"):].split("\n\n")[2]
+    rows = []
+    for line in table.splitlines()[2:]:
+        tried, code, seen = (c.strip() for c in line.strip("|").split(" | "))
+        settings = dict(re.findall(r"(\w+)=(<[^>]*>|\S+)", tried.split("`")[1]))
+        rows.append(pytest.param(settings, int(code), seen.strip("`"), id=tried.split("`")[1]))
+    return rows
 
 
-def test_misspelt_setting_is_warned(sample, tmp_path):
-    out = run_script(tmp_path, dict(tiny_run_env(sample, NUM_HEADS=3), NUM_LAYER=5), timeout=120)
-    assert "did you mean NUM_LAYERS" in out.stderr
+def placeholder(value, sample, tmp_path):
+    """The files the table's <...> values stand for."""
+    if not value.startswith("<"):
+        return value
+    if "text file" in value:
+        (tmp_path / "tok.model").write_text("not a model")
+        return str(tmp_path / "tok.model")
+    if "cut short" in value:
+        def truncated(path):
+            write_shard(path, np.arange(3000) % 500)
+            path.write_bytes(path.read_bytes()[:-10])
+        return two_shard_data(sample, tmp_path, truncated)
+    if "ids past VOCAB_SIZE" in value:
+        return two_shard_data(sample, tmp_path, lambda path: write_shard(path, np.full(3000, 600)))
+    if "artifact" in value:
+        data, _ = tiny_artifact()
+        path = tmp_path / "a.ptz"
+        path.write_bytes(data[:20] + bytes([data[20] ^ 4]) + data[21:] if "flipped" in value else b"PGA2" + data[4:])
+        return str(path)
+    assert "missing folder" in value, value
+    return str(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("settings,code,message", troubleshooting_rows())
+def test_troubleshooting_table_is_what_the_user_sees(sample, tmp_path, settings, code, message):
+    env = tiny_run_env(sample, FINAL_EVAL="roundtrip", ITERATIONS=4)
+    env.update({k: placeholder(v, sample, tmp_path) for k, v in settings.items()})
+    out = run_script(tmp_path, env, timeout=240)
+    assert out.returncode == code, out.stderr[-2000:]
+    assert message in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
+    assert "Traceback" not in out.stderr
+    if code == 1:
+        assert "error: " in out.stderr and not re.search(r"^final_\S+_exact", out.stdout, re.M)
+
+
+def test_random_configurations_run_or_stop_with_a_clear_error():
+    """300 seeded random combinations of settings: each either takes a training step and quantizes,
+    or stops with a ConfigError naming a setting; never any other exception (tests/config_fuzz.py)."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "config_fuzz.py"), str(ROOT), "300", "0"],
+                         capture_output=True, text=True, timeout=600, env=os.environ | dict(OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    ran, refused = map(int, re.search(r"ran:(\d+) refused:(\d+)", out.stdout).groups())
+    assert ran >= 30 and refused >= 30
 
 
 def test_nan_loss_stops_the_run(sample, tmp_path):
