@@ -132,7 +132,7 @@ def test_a_log_with_several_runs_is_split_and_the_last_complete_run_is_used(runs
     parts = runlog.read_runs(both)
     assert [r.seed for r in parts] == [1, 2, 1337] and [len(r.train) for r in parts] == [len(parts[0].train)] * 3
     run = runlog.read_log(both)
-    assert run.seed == 2 and run.score().val_loss == pytest.approx(6.2) and "holds 3 runs; using run 2" in run.note
+    assert run.seed == 2 and run.score().val_loss == pytest.approx(6.2) and "using run 2, the last complete one" in run.note
     assert [s for s, *_ in run.train] == sorted(s for s, *_ in run.train)  # one run's curve, no zig-zag
     assert runlog.read_log(both, 1).seed == 1
     with pytest.raises(package_record.PackageError, match="--run N"):
