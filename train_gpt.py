@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,16 +262,21 @@ AT_LEAST_0 = ("ITERATIONS WARMUP_STEPS WARMDOWN_ITERS VAL_LOSS_EVERY GRAD_ACCUM_
               "TIED_EMBED_LR EMBED_LR HEAD_LR MUON_WD ADAM_WD GRAD_CLIP_NORM LATE_QAT_THRESHOLD TTT_LR TTT_LORA_LR "
               "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA").split()
 POSITIVE = "MLP_MULT LOGIT_SOFTCAP ROPE_BASE ADAM_EPS GPTQ_DAMP TIED_EMBED_INIT_STD NGRAM_PRIOR".split()
+BELOW_1 = "BETA1 BETA2 MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START EMA_DECAY".split()  # and >= 0
+CHOICES = dict(QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
+               ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
 def check_ranges(args) -> list[str]:
-    """Every float finite; every setting above within its bound."""
+    """Every float finite; every setting above within its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
            if isinstance(d, float) and not math.isfinite(value(n))]
     err += [f"{n}={value(n)} must be >= 1" for n in AT_LEAST_1 if value(n) < 1]
     err += [f"{n}={value(n)} must be >= 0" for n in AT_LEAST_0 if value(n) < 0]
     err += [f"{n}={value(n)} must be > 0" for n in POSITIVE if not value(n) > 0]
+    err += [f"{n}={value(n)} must be in [0, 1)" for n in BELOW_1 if not 0 <= value(n) < 1]
+    err += [f"{n}={value(n)} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value(n) not in c]
     if args.vocab_size < 4:
         err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are the tokenizer's special pieces)")
     return err
@@ -302,16 +307,10 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(f"EVAL_STRIDE={args.eval_stride} must be in 1..EVAL_SEQ_LEN={args.eval_seq_len}")
     if int(args.mlp_mult * args.model_dim) < 1:
         err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
-    if not all(0 <= b < 1 for b in (args.beta1, args.beta2, args.muon_momentum, args.muon_momentum_warmup_start)):
-        err.append("BETA1, BETA2, MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)")
     if args.bigram_vocab_size == 1 or args.bigram_vocab_size < 0:
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
-    if not 0 <= args.ema_decay < 1:
-        err.append(f"EMA_DECAY={args.ema_decay} must be in [0, 1)")
     if any(not (2 <= b <= 8 or b == 16) for b in (args.attn_bits, args.mlp_bits, args.embed_bits)):
         err.append("ATTN_BITS, MLP_BITS and EMBED_BITS must be in 2..8 (or 16: fp16)")
-    if args.quant_method not in ("gptq", "rtn"):
-        err.append(f"QUANT_METHOD={args.quant_method} must be gptq or rtn")
     try:
         quant_overrides(args)
         if not all(0 < r <= 1 for r in clip_ratios(args)):
@@ -320,8 +319,6 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be numbers in (0, 1]")
     if not 0 <= args.prune_frac < args.fit_max_prune_frac < 1:
         err.append("0 <= PRUNE_FRAC < FIT_MAX_PRUNE_FRAC < 1 is required")
-    if args.compressor not in ("zstd", "lzma", "brotli", "auto"):
-        err.append(f"COMPRESSOR={args.compressor} must be zstd, lzma, brotli or auto")
     for name in ("eval_only", "quant_only"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             err.append(f"{name.upper()}={getattr(args, name)}: no such file")
@@ -332,8 +329,6 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     if bad or not modes:
         err.append(f"FINAL_EVAL={args.final_eval}: each mode must be one of {', '.join(NETWORK_MODES)}, "
                    "optionally followed by +ngram")
-    if args.ttt_optimizer not in ("sgd", "adamw"):
-        err.append(f"TTT_OPTIMIZER={args.ttt_optimizer} must be sgd or adamw")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
         err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}: "
                    "a window must hold the whole chunk it scores")
@@ -341,8 +336,6 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
         err.append("NGRAM_ORDER must be in 1..8 and NGRAM_INIT_WEIGHT in (0, 1)")
-    if args.attn_backend not in ("auto", "fa3", "fa2", "sdpa", *(f"sdpa_{k}" for k in SDPA_KERNELS)):
-        err.append(f"ATTN_BACKEND={args.attn_backend} must be auto, fa3, fa2, sdpa or sdpa_{{{','.join(SDPA_KERNELS)}}}")
     try:
         if len(ns_coeffs(args)) != 3 or not all(map(math.isfinite, ns_coeffs(args))):
             raise ValueError
@@ -584,7 +577,7 @@ def refresh_qat(layers: list[CastedLinear], ratios) -> None:
 ATTN_IMPL = {"name": "sdpa", "fn": None}
 
 
-SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
+SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if b.startswith("sdpa_"))
 
 
 def select_attention(requested: str, device) -> str:
@@ -1309,6 +1302,24 @@ def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
     a random half of the documents redrawn (no network loss in the other half may move), over
     enough documents for two batches on every rank. Every loss must be -log of its checked distribution at the target,
     every distribution must sum to 1, every target be scored once. Raises EvalError otherwise."""
+    with overridden(args, ttt_max_seconds=0.0):  # the time budget makes scores depend on the clock, not the tokens
+        audit_runs(mode, run, args, log, world_size)
+
+
+@contextmanager
+def overridden(args, **values):
+    """Settings changed for the duration of a block."""
+    saved = {k: getattr(args, k) for k in values}
+    for k, v in values.items():
+        setattr(args, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
+
+
+def audit_runs(mode: str, run, args, log, world_size: int) -> None:
     t0, net = time.perf_counter(), mode.partition("+")[0]
     g = torch.Generator().manual_seed(args.seed)
     isolated = net in ISOLATED_MODES
@@ -1325,12 +1336,8 @@ def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
     batch_noise = 0.0
     if isolated:  # its batches follow document lengths, which the redraw after t changes: the
         # numerical spread of batching the same documents otherwise sets that check's tolerance
-        batch = args.ttt_lora_batch
-        args.ttt_lora_batch = batch // 2 if batch > 1 else 2
-        try:
+        with overridden(args, ttt_lora_batch=args.ttt_lora_batch // 2 or 2):
             rebatched = run(tokens)
-        finally:
-            args.ttt_lora_batch = batch
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
     # Only tokens after t changed: the losses before t, and the whole distribution scored at t
     # (it may not depend on its own target either), must not move.
@@ -1900,7 +1907,7 @@ class Trainer:
         file = Path(path) / f"rank{self.rank}.pt"
         if not file.is_file():
             raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
-        st = torch.load(file, map_location=self.device, weights_only=False)
+        st = torch.load(file, map_location=self.device, weights_only=True)
         if st["world_size"] != self.world_size:
             raise DataError(f"RESUME={path} was saved by {st['world_size']} processes, not {self.world_size}")
         changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))

@@ -356,6 +356,13 @@ def test_audit_refuses_a_mode_that_is_not_repeatable(monkeypatch):
         audit("lora", eval_args(ttt_lora_batch=2))
 
 
+def test_audit_runs_without_the_time_budget():
+    """A budget stops adaptation by the clock: two audit runs would differ in where it stopped."""
+    lines, args = [], eval_args(ttt_max_seconds=1e-9)
+    audit("lora", args, log=lambda m, console=True: lines.append(m))
+    assert not any(x.startswith("lora:budget") for x in lines) and args.ttt_max_seconds == 1e-9
+
+
 def test_audit_stream_spans_batches_and_varies_document_lengths():
     args = eval_args(ttt_lora_batch=4)
     tokens = tg.random_documents(4 * args.eval_seq_len, 2 * args.ttt_lora_batch * 2 + 1, args, torch.Generator().manual_seed(0))
