@@ -211,7 +211,11 @@ def original_documents(dataset_dir: Path, docs):
         docs = json.loads(manifest.read_text(encoding="utf-8")).get("source", {}).get("inputs") if manifest.is_file() else None
         if not docs:
             raise ValueError(f"{dataset_dir} does not list its input documents: pass --docs with the files it was exported from")
-    return (caseops.valid_unicode(text) for text in iter_documents(input_files(docs)))
+    try:
+        files = input_files(docs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"{exc}: pass --docs with the documents {dataset_dir} was exported from") from None
+    return (caseops.valid_unicode(text) for text in iter_documents(files))
 
 
 def check_caseops(dataset_dir: Path, tokenizer, docs, problems: list[str]) -> None:
@@ -244,7 +248,8 @@ def check_caseops(dataset_dir: Path, tokenizer, docs, problems: list[str]) -> No
         return
     table = int(byte_counts(tokens, tuple(t.numpy() for t in tg.build_sentencepiece_luts(tokenizer, tokenizer.vocab_size(), "cpu"))).sum())
     print(f"caseops: {checked:,} validation documents proven: inverse(decode(tokens)) == original byte for byte, "
-          f"byte sidecar = original UTF-8 bytes ({total:,}; the tokenizer's tables would count {table:,})")
+          f"byte sidecar = original UTF-8 bytes ({total:,}, {total / max(len(tokens) - checked, 1):.4f} per non-BOS "
+          f"token; the tokenizer's tables would count {table:,})")
 
 
 def document_problem(tokenizer, ids: np.ndarray, sidecar: np.ndarray, original: str) -> str | None:
