@@ -133,7 +133,8 @@ def prepare_tokenizer(variant: str, train_texts, tokenizers_dir: Path, model_nam
     if reuse_model:
         tokenizer = load_tokenizer(reuse_model)
         if tokenizer.vocab_size() != vocab_size:
-            raise ValueError(f"{reuse_model} has vocab size {tokenizer.vocab_size()}, but --variant {variant} needs {vocab_size}")
+            raise ValueError(f"{reuse_model} has vocab size {tokenizer.vocab_size()}, "
+                             f"but --variant {variant} needs {vocab_size}")
         if use_caseops:
             check_caseops_tokenizer(tokenizer, reuse_model)
         return Path(reuse_model)
@@ -212,7 +213,8 @@ def encode_documents(texts, tokenizer_path: Path, workers: int, use_caseops: boo
             return docs
         return zip(docs, np.split(nbytes, cuts) if nbytes is not None else [None] * len(docs))
 
-    batches = ((batch, i * ENCODE_BATCH_DOCS < sidecar_docs) for i, batch in enumerate(batched(texts, ENCODE_BATCH_DOCS)))
+    batches = ((batch, i * ENCODE_BATCH_DOCS < sidecar_docs)
+               for i, batch in enumerate(batched(texts, ENCODE_BATCH_DOCS)))
     if workers <= 1:
         encoder = Encoder(tokenizer_path, use_caseops)
         for batch, with_bytes in batches:
@@ -252,8 +254,9 @@ def export_dataset(documents, tokenizer_path: Path, dataset_dir: Path, *, val_do
         "source": source,
     }
     if use_caseops:
-        manifest["caseops"] = {"version": caseops.CASEOPS_VERSION, "byte_sidecar": f"fineweb_{VAL_BYTES_SPLIT}_*.bin",
-                               "controls": {"esc": "U+E000", "title": "U+E001", "allcaps": "U+E002", "capnext": "U+E003"}}
+        controls = {"esc": "U+E000", "title": "U+E001", "allcaps": "U+E002", "capnext": "U+E003"}
+        manifest["caseops"] = {"version": caseops.CASEOPS_VERSION, "controls": controls,
+                               "byte_sidecar": f"fineweb_{VAL_BYTES_SPLIT}_*.bin"}
     write_manifest(dataset_dir, manifest)
     total = stats["tokens_val"] + stats["tokens_train"]
     print(f"{dataset_dir}: {stats['docs_val']} val + {stats['docs_train']} train docs, {total:,} tokens "

@@ -183,7 +183,8 @@ class OverlapCheck:
             val_index = self.val_digests.get(digest(doc))
             if val_index is not None:
                 self.leaks += 1
-                self.first_leak = self.first_leak or f"validation document {val_index} is the training document at {where}"
+                leak = f"validation document {val_index} is the training document at {where}"
+                self.first_leak = self.first_leak or leak
 
     def report(self, problems: list[str]) -> None:
         for _, doc in self.val.finish():
@@ -199,18 +200,20 @@ def is_caseops_dataset(dataset_dir: Path, tokenizer) -> bool:
     manifest = dataset_dir / "manifest.json"
     listed = manifest.is_file() and "caseops" in json.loads(manifest.read_text(encoding="utf-8"))
     sidecars = any(dataset_dir.glob(f"fineweb_{VAL_BYTES_SPLIT}_*.bin"))
-    return listed or sidecars or (hasattr(tokenizer, "piece_to_id") and training_script().is_caseops_tokenizer(tokenizer))
+    controls = hasattr(tokenizer, "piece_to_id") and training_script().is_caseops_tokenizer(tokenizer)
+    return listed or sidecars or controls
 
 
 def original_documents(dataset_dir: Path, docs):
     """The original documents, as the export read them: from `docs` or the manifest's inputs."""
     from data.export_shards import input_files, iter_documents
 
+    manifest = dataset_dir / "manifest.json"
+    if not docs and manifest.is_file():
+        docs = json.loads(manifest.read_text(encoding="utf-8")).get("source", {}).get("inputs")
     if not docs:
-        manifest = dataset_dir / "manifest.json"
-        docs = json.loads(manifest.read_text(encoding="utf-8")).get("source", {}).get("inputs") if manifest.is_file() else None
-        if not docs:
-            raise ValueError(f"{dataset_dir} does not list its input documents: pass --docs with the files it was exported from")
+        raise ValueError(f"{dataset_dir} does not list its input documents: pass --docs with the files it was "
+                         "exported from")
     try:
         files = input_files(docs)
     except (FileNotFoundError, ValueError) as exc:
@@ -246,7 +249,8 @@ def check_caseops(dataset_dir: Path, tokenizer, docs, problems: list[str]) -> No
         problems.append(f"the val shards hold {len(bounds) - 1} documents (first BOS at {bounds[0]}) but only "
                         f"{checked} original documents were read: wrong --docs?")
         return
-    table = int(byte_counts(tokens, tuple(t.numpy() for t in tg.build_sentencepiece_luts(tokenizer, tokenizer.vocab_size(), "cpu"))).sum())
+    luts = tuple(t.numpy() for t in tg.build_sentencepiece_luts(tokenizer, tokenizer.vocab_size(), "cpu"))
+    table = int(byte_counts(tokens, luts).sum())  # what the tables would have counted
     print(f"caseops: {checked:,} validation documents proven: inverse(decode(tokens)) == original byte for byte, "
           f"byte sidecar = original UTF-8 bytes ({total:,}, {total / max(len(tokens) - checked, 1):.4f} per non-BOS "
           f"token; the tokenizer's tables would count {table:,})")

@@ -28,10 +28,11 @@ from data.verify_dataset import main as verify_main, verify  # noqa: E402
 # mapping is not one-to-one, the reserved characters themselves, whitespace runs, emoji, marks.
 PIECES = [
     "the", "Hello", "WORLD", "iPhone", "McDonald", "camelCaseWord", "HTTPServer", "A", "I", "a", "xY", "ABCdef",
-    "Αθήνα", "ΟΔΟΣ", "σς", "Москва", "МГУ", "ǅemal", "Ǆ", "İstanbul", "STRAßE", "ẞ", "\u212a", "Ⱥⱥ", "ﬁne", "Ⅻ",
-    "µ", "ſ", "ΐ", "日本語", "한국어", "Ֆ", "ᏣᎳᎩ", "Ꭰ", "𐐀𐐨", "e\u0301", "E\u0301COLE", "\u0301", "123", "4ABC5",
-    "x²", "½", "🙂", "👍🏽", "👩\u200d💻", "\ue000", "\ue001", "\ue002", "\ue003", "\ue004", "\u2581", "\u2581\u2581",
-    "\ue001 ", " \ue002x", "<s>", "\x00", "\t", "\n\n", "\r\n", "\u00a0", "\u3000", "  ", "", "'", "-", "_", ".",
+    "Αθήνα", "ΟΔΟΣ", "σς", "Москва", "МГУ", "ǅemal", "Ǆ", "İstanbul", "STRAßE", "ẞ", "\u212a", "Ⱥⱥ", "ﬁne",
+    "Ⅻ", "µ", "ſ", "ΐ", "日本語", "한국어", "Ֆ", "ᏣᎳᎩ", "Ꭰ", "𐐀𐐨", "e\u0301", "E\u0301COLE", "\u0301", "123",
+    "4ABC5", "x²", "½", "🙂", "👍🏽", "👩\u200d💻", "\ue000", "\ue001", "\ue002", "\ue003", "\ue004", "\u2581",
+    "\u2581\u2581", "\ue001 ", " \ue002x", "<s>", "\x00", "\t", "\n\n", "\r\n", "\u00a0", "\u3000", "  ", "",
+    "'", "-", "_", ".",
 ]
 SEPARATORS = ["", " ", "  ", "\n", "-", "\u2581", "_"]
 
@@ -312,10 +313,12 @@ def test_sidecar_evaluation_equals_table_evaluation_where_both_apply(tmp_path):
 def run_train_gpt(cwd, dataset_dir, tokenizer_path, vocab_size):
     env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update({k: str(v) for k, v in dict(DATA_PATH=dataset_dir, TOKENIZER_PATH=tokenizer_path, VOCAB_SIZE=vocab_size, NUM_LAYERS=2,
-               MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=512, BIGRAM_DIM=8, VE_DIM=8,
-               ITERATIONS=1, WARMUP_STEPS=0, EVAL_STRIDE=16, VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0, BIGRAM_VOCAB_SIZE=64,
-               VAL_BATCH_SIZE=4096, FINAL_EVAL="roundtrip", QUANT_METHOD="rtn").items()})
+    settings = dict(DATA_PATH=dataset_dir, TOKENIZER_PATH=tokenizer_path, VOCAB_SIZE=vocab_size, NUM_LAYERS=2,
+                    MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=512,
+                    BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_DIM=8, ITERATIONS=1, WARMUP_STEPS=0, EVAL_STRIDE=16,
+                    VAL_LOSS_EVERY=0, MAX_WALLCLOCK_SECONDS=0, VAL_BATCH_SIZE=4096, FINAL_EVAL="roundtrip",
+                    QUANT_METHOD="rtn")
+    env.update({k: str(v) for k, v in settings.items()})
     return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
