@@ -441,21 +441,44 @@ def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tenso
             torch.tensor(is_boundary, device=device))
 
 
+# CaseOps case controls (data/caseops.py CONTROLS): a tokenizer with these pieces writes case-factored
+# text, whose tables count control and lowercase bytes: only its byte sidecar counts the original bytes.
+CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
+
+
+def is_caseops_tokenizer(sp) -> bool:
+    return any(sp.piece_to_id(c) != sp.unk_id() for c in CASEOPS_CONTROLS)
+
+
+def target_bytes(tokens: Tensor, luts) -> Tensor:
+    """UTF-8 bytes of the text each target tokens[1:] stands for. `luts` is the tokenizer's tables, or
+    a byte sidecar: one count per token of `tokens` (load_validation_bytes), the count of a target."""
+    if isinstance(luts, Tensor):
+        if luts.numel() != tokens.numel():
+            raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
+        return luts[1:].double()  # on the host: only its sum is needed
+    base_bytes, has_space, is_boundary = luts
+    x, y = tokens[:-1], tokens[1:]
+    return base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
+
+
 # -----------------------------------------------------------------------------
 # DATA LOADING
 # Shard = 256 little-endian int32 header (magic, version, token count) + uint16 tokens.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable as a token shard
 
 
-def shard_token_count(path) -> int:
+def shard_token_count(path, magic: int = SHARD_MAGIC) -> int:
     """Check a shard's header and size (no token is read); returns its token count."""
     path = str(path)
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: not a shard (magic {header[0] if header.size else None}, expected {SHARD_MAGIC})")
+    if header.size != HEADER_INTS or header[0] != magic:
+        raise DataError(f"{path}: not a {'shard' if magic == SHARD_MAGIC else 'byte sidecar'} "
+                        f"(magic {header[0] if header.size else None}, expected {magic})")
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n = int(header[2])
@@ -465,8 +488,8 @@ def shard_token_count(path) -> int:
     return n
 
 
-def load_data_shard(path, vocab_size: int | None = None) -> np.ndarray:
-    n = shard_token_count(path)
+def load_data_shard(path, vocab_size: int | None = None, magic: int = SHARD_MAGIC) -> np.ndarray:
+    n = shard_token_count(path, magic)
     tokens = np.fromfile(str(path), dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
         raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: "
@@ -528,6 +551,46 @@ def load_validation_tokens(pattern: str, vocab_size: int, seq_len: int) -> Tenso
     if len(tokens) < 2:
         raise DataError(f"validation split {pattern} holds {len(tokens)} tokens: nothing to score")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def load_validation_bytes(pattern: str) -> Tensor | None:
+    """The original UTF-8 bytes of each validation token, from the byte sidecar beside each val shard
+    (fineweb_val_N.bin -> fineweb_valbytes_N.bin, written by a CaseOps export); None if there are none."""
+    shards = shard_files(pattern, "validation")
+    if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
+        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
+                        "read as tokens. Export the data again with `data/export_shards.py --caseops`")
+    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_valbytes_", 1))
+                for f in shards]
+    present = [os.path.isfile(f) for f in sidecars]
+    if not any(present):
+        return None
+    if not all(present):
+        raise DataError(f"{sidecars[present.index(False)]} is missing: every val shard needs its byte sidecar, "
+                        "or none may have one. Export the dataset again")
+    counts = []
+    for shard, sidecar in zip(shards, sidecars):
+        counts.append(load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
+        if len(counts[-1]) != int(np.fromfile(shard, dtype="<i4", count=3)[2]):
+            raise DataError(f"{sidecar} has {len(counts[-1])} counts but {shard} has a different number of "
+                            "tokens: they come from different exports. Export the dataset again")
+    return torch.from_numpy(np.concatenate(counts).astype(np.int64))  # aligned with load_validation_tokens
+
+
+def validation_byte_source(args, sp, luts, log):
+    """What counts the bytes of val_bpb: the val shards' byte sidecars if they have them (the original
+    text's bytes, CaseOps), else the tokenizer's tables. A CaseOps tokenizer without sidecars is refused:
+    its tables would count the transformed text (controls, lowercase) instead of the original bytes."""
+    val_bytes = load_validation_bytes(args.val_files)
+    if val_bytes is not None:
+        log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
+            f"bytes:{int(val_bytes[1:].sum())}")
+        return val_bytes
+    if is_caseops_tokenizer(sp):
+        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no "
+                        "fineweb_valbytes_* byte sidecars: export the data with `data/export_shards.py --caseops`")
+    log("val_bytes:source=sentencepiece_luts")
+    return luts
 
 
 # -----------------------------------------------------------------------------
@@ -914,14 +977,12 @@ class ScoreSheet:
     def result(self, tokens: Tensor, luts) -> tuple[float, float]:
         """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
         self.check_once()
-        base_bytes, has_space, is_boundary = luts
-        x, y = tokens[:-1].to(self.nats.device), tokens[1:].to(self.nats.device)
-        nbytes = base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
+        nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
         if not math.isfinite(nats):
             raise EvalError(f"the validation loss is {nats}: the model gives non-finite probabilities. "
                             "No score; check the training log for divergence and the artifact for damage")
-        return nats / y.numel(), nats / (math.log(2) * nbytes.sum().item())
+        return nats / nbytes.numel(), nats / (math.log(2) * nbytes.sum().item())
 
 
 def autocast_ctx(device):
@@ -2013,8 +2074,8 @@ def require_packages(args) -> None:
             raise SystemExit(f"error: the python package `{name}` is required: pip install -r requirements.txt")
 
 
-def load_tokenizer_tables(args, device):
-    """The sentencepiece model's byte tables, after checking it matches VOCAB_SIZE."""
+def load_tokenizer_tables(args, device, log):
+    """What counts val_bpb's bytes: the byte sidecars or the sentencepiece tables, after checking VOCAB_SIZE."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2025,7 +2086,8 @@ def load_tokenizer_tables(args, device):
                         "download it again or set TOKENIZER_PATH") from None
     if int(sp.vocab_size()) != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
-    return build_sentencepiece_luts(sp, args.vocab_size, device)
+    # A CaseOps byte sidecar replaces the tables.
+    return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
 
 
 def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code: str, label: str, pre_quant_bpb: float,
@@ -2111,7 +2173,7 @@ def main() -> None:
         log(w, console=False)
 
     # Tokenizer and data checks, before any compute.
-    luts = load_tokenizer_tables(args, device)
+    luts = load_tokenizer_tables(args, device, log)
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now

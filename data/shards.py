@@ -1,7 +1,9 @@
 """Shard files and SentencePiece training in the challenge's format.
 
 A shard is 256 little-endian int32 (magic, version, token count, zeros) followed by
-`count` little-endian uint16 tokens. Every exporter in data/ writes through
+`count` little-endian uint16 tokens. A CaseOps byte sidecar (`fineweb_valbytes_NNNNNN.bin`, beside
+`fineweb_val_NNNNNN.bin`) has the same layout with magic VAL_BYTES_MAGIC and one uint16 per token
+of its shard: the original UTF-8 bytes charged to that token. Every exporter in data/ writes through
 `write_shard` / `ShardWriter`, and every SentencePiece model comes from
 `train_sentencepiece`, so the format and the tokenizer settings live in one place.
 """
@@ -22,6 +24,9 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_LIMIT = 1 << 16  # uint16 storage: ids must be < 65536, never wrapped
 BOS_ID = 1
+# A different magic: a sidecar can never be read as a token shard, nor a shard as a sidecar.
+VAL_BYTES_MAGIC = 20240521
+VAL_BYTES_SPLIT = "valbytes"  # fineweb_valbytes_*.bin: the val glob fineweb_val_*.bin never matches it
 
 # The challenge's SentencePiece settings (data/download_hf_docs_and_tokenize.py upstream),
 # except that we keep sentencepiece's default hard_vocab_limit=True: a model trained for
@@ -38,6 +43,10 @@ SENTENCEPIECE_SETTINGS = dict(
     eos_id=2,
     unk_id=3,
 )
+# CaseOps tokenizers: the case controls are always one piece each, and no normalization, so that
+# decode(encode(text)) == text exactly (nmt_nfkc keeps private-use characters but folds ligatures,
+# collapses whitespace runs and newlines, and drops leading spaces: the original bytes would be lost).
+CASEOPS_SETTINGS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False)
 # sentencepiece's default: documents longer than this many bytes are left out of tokenizer
 # training (with a warning), as they were for the challenge's published tokenizers.
 MAX_SENTENCE_BYTES = 4192
@@ -56,7 +65,7 @@ def shard_nbytes(num_tokens: int) -> int:
     return HEADER_BYTES + 2 * num_tokens
 
 
-def write_shard(path, tokens) -> int:
+def write_shard(path, tokens, magic: int = MAGIC) -> int:
     """Write `tokens` (array or iterable of ints) as one shard; return the token count.
 
     Raises ValueError naming `path` if any token is outside [0, 65536). The file is
@@ -77,7 +86,7 @@ def write_shard(path, tokens) -> int:
                 f"{path}: token {int(arr[first])} at position {first} does not fit uint16 [0, {TOKEN_LIMIT})"
             )
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, arr.size)
+    header[:3] = (magic, VERSION, arr.size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -90,11 +99,11 @@ def write_shard(path, tokens) -> int:
 class ShardWriter:
     """Cut a stream of token arrays into `fineweb_{split}_NNNNNN.bin` shards of `shard_tokens`."""
 
-    def __init__(self, dataset_dir, split: str, shard_tokens: int):
+    def __init__(self, dataset_dir, split: str, shard_tokens: int, magic: int = MAGIC):
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.dataset_dir = Path(dataset_dir)
-        self.split = split
+        self.split, self.magic = split, magic
         self.buffer = np.empty(shard_tokens, dtype=np.uint16)
         self.fill = 0
         self.files: list[dict] = []  # {"name", "split", "tokens", "bytes"} per written shard
@@ -114,7 +123,7 @@ class ShardWriter:
         if self.fill == 0:
             return
         name = shard_name(self.split, len(self.files))
-        write_shard(self.dataset_dir / name, self.buffer[: self.fill])
+        write_shard(self.dataset_dir / name, self.buffer[: self.fill], self.magic)
         self.files.append({"name": name, "split": self.split, "tokens": self.fill, "bytes": shard_nbytes(self.fill)})
         self.fill = 0
 
@@ -127,12 +136,15 @@ def export_documents(
     val_docs: int,
     shard_tokens: int,
     max_train_tokens: int | None = None,
+    byte_sidecar: bool = False,
 ) -> dict:
     """Write BOS-prefixed documents to val shards (the first `val_docs`) then train shards.
 
     `encoded_docs` yields one token sequence per document (without BOS). It is consumed
     lazily and abandoned once `max_train_tokens` train tokens are written (the last
-    document is cut there). Returns the split statistics and the list of files written.
+    document is cut there). With `byte_sidecar` it yields (tokens, original bytes per token)
+    and the val documents' bytes go to `fineweb_valbytes_*.bin`, cut exactly as the val shards
+    (BOS is charged 0 bytes). Returns the split statistics and the list of files written.
     """
     if vocab_size > TOKEN_LIMIT:
         raise ValueError(f"vocab_size={vocab_size} does not fit uint16 shards (at most {TOKEN_LIMIT})")
@@ -142,9 +154,15 @@ def export_documents(
     for stale in dataset_dir.glob("fineweb_*_*.bin"):
         stale.unlink()  # a shorter re-export must not leave old shards behind
     writers = {split: ShardWriter(dataset_dir, split, shard_tokens) for split in ("val", "train")}
+    if byte_sidecar:
+        writers[VAL_BYTES_SPLIT] = ShardWriter(dataset_dir, VAL_BYTES_SPLIT, shard_tokens, VAL_BYTES_MAGIC)
     stats = {"docs_val": 0, "docs_train": 0, "tokens_val": 0, "tokens_train": 0}
     for doc in encoded_docs:
         split = "val" if stats["docs_val"] < val_docs else "train"
+        if byte_sidecar:
+            doc, nbytes = doc
+            if split == "val":
+                writers[VAL_BYTES_SPLIT].add(sidecar_entries(nbytes, len(doc), stats["docs_val"]))
         tokens = np.empty(len(doc) + 1, dtype=np.int64)
         tokens[0] = BOS_ID
         tokens[1:] = doc
@@ -158,7 +176,16 @@ def export_documents(
             break
     for writer in writers.values():
         writer.flush()
-    return {**stats, "files": writers["val"].files + writers["train"].files}
+    return {**stats, "files": [f for writer in writers.values() for f in writer.files]}
+
+
+def sidecar_entries(nbytes, num_tokens: int, doc_index: int) -> np.ndarray:
+    """A document's sidecar values: 0 for its BOS, then its tokens' original bytes."""
+    nbytes = np.asarray(nbytes, dtype=np.int64)
+    if len(nbytes) != num_tokens or (nbytes < 0).any() or (nbytes >= TOKEN_LIMIT).any():
+        raise ValueError(f"val document {doc_index}: {len(nbytes)} byte counts for {num_tokens} tokens, "
+                         f"or a count outside [0, {TOKEN_LIMIT})")
+    return np.concatenate(([0], nbytes)).astype(np.uint16)
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
@@ -185,12 +212,13 @@ def clean_for_sentencepiece(texts: Iterable[str]):
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix, vocab_size: int,
-                        max_sentence_bytes: int = MAX_SENTENCE_BYTES) -> str:
+                        max_sentence_bytes: int = MAX_SENTENCE_BYTES, caseops_pieces: str = "") -> str:
     """Train a BPE model with the challenge's settings; return the path of `<model_prefix>.model`.
 
     `texts` is any iterable of documents (held in memory by sentencepiece while training);
     those longer than `max_sentence_bytes` are skipped. Raises ValueError if the text
-    cannot support exactly `vocab_size` pieces.
+    cannot support exactly `vocab_size` pieces. `caseops_pieces` (CaseOps text): these
+    characters become user-defined pieces and normalization is switched off (CASEOPS_SETTINGS).
     """
     import sentencepiece as spm
 
@@ -210,7 +238,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix, vocab_size: int,
             num_threads=os.cpu_count() or 1,
             max_sentence_length=max_sentence_bytes,
             minloglevel=1,  # warnings and errors only: the info log is thousands of lines
-            **SENTENCEPIECE_SETTINGS,
+            **{**SENTENCEPIECE_SETTINGS, **(CASEOPS_SETTINGS if caseops_pieces else {})},
+            **({"user_defined_symbols": list(caseops_pieces)} if caseops_pieces else {}),
         )
     except RuntimeError as exc:
         raise ValueError(f"sentencepiece could not train vocab_size={vocab_size} for {prefix}: {exc}") from exc

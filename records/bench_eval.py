@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,11 +35,11 @@ def main() -> None:
     if any(m not in tg.NETWORK_MODES for m in modes):
         sys.exit(f"--modes: each of {modes} must be one of {tg.NETWORK_MODES}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    luts = tg.build_sentencepiece_luts(sp, args.vocab_size, device)
+    luts = tg.load_tokenizer_tables(args, device, print)  # tables, or a CaseOps byte sidecar
     val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     if opts.val_tokens:
         val = val[:opts.val_tokens + 1]
+        luts = luts[:val.numel()] if isinstance(luts, torch.Tensor) else luts
     model = tg.GPT(args, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
     if opts.checkpoint.endswith(".ptz"):
         tg.load_artifact(opts.checkpoint, model)

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,9 +37,9 @@ def main():
     checkpoint, val_tokens_n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
     only = sys.argv[3] if len(sys.argv) > 3 else ""  # run only the variants whose name contains this
     device = torch.device("cpu")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    luts = tg.build_sentencepiece_luts(sp, args.vocab_size, device)
+    luts = tg.load_tokenizer_tables(args, device, print)  # tables, or a CaseOps byte sidecar
     val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)[:val_tokens_n + 1]
+    luts = luts[:val.numel()] if isinstance(luts, torch.Tensor) else luts
     model = tg.GPT(args)
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state)
