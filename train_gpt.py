@@ -78,17 +78,14 @@ def S(full, smoke):
     return smoke if SMOKE else full
 
 
-# PRESET changes defaults only: an explicit env var always wins; SMOKE keeps its tiny shape.
-# naive_baseline: the official baseline train_gpt.py (1.2244) in this script's terms; what this script
-#   cannot switch off stays on: orthogonal init, partial-RoPE code path (ROPE_DIMS = head dim), zstd not zlib.
-# seeds: the March seed stack (PR #414 lineage), today's defaults.
-# top: the April stack (PRs #1394, #1493, #1514, #1855): see README "PRESET".
+# PRESET sets defaults (an explicit env var wins; SMOKE keeps its shape): seeds = the March stack;
+# naive_baseline = the official baseline (orthogonal init and zstd stay); top = the April stack (see README).
 PRESETS["naive_baseline"] = dict(
     MLP_MULT=2.0, LEAKY_RELU_SLOPE=0.0, LN_SCALE=False, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0, SMEAR_ENABLED=False,
     VE_ENABLED=False, MATRIX_LR=0.04, SCALAR_LR=0.04, TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95,
     MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=S(500, 10), WARMDOWN_ITERS=S(1200, 15), MUON_WD=0.0,
     ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, QUANT_METHOD="rtn", ATTN_BITS=8,
-    MLP_BITS=8, QUANT_CLIP_RATIOS="1.0", GPTQ_RESERVE_SECONDS=0.0, FINAL_EVAL="roundtrip", VAL_LOSS_EVERY=S(1000, 20),
+    MLP_BITS=8, QUANT_CLIP_RATIOS="1.0", FINAL_EVAL="roundtrip",
     **({} if SMOKE else dict(NUM_LAYERS=9, ROPE_DIMS=64, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288)))
 PRESETS["top"] = dict(
     MLP_MULT=4.0, QK_GAIN_INIT=5.25, MUON_MOMENTUM=0.97, MUON_ROW_NORM=True, MUON_WD=0.095, MIN_LR=0.1,
@@ -221,21 +218,20 @@ class Hyperparameters:
     ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
-    # The April stack (PRESET=top); each off by default. Looped layers and context lengths compile one graph
-    # each, all primed in warm-up. "Progress" is step / ITERATIONS, or elapsed / cap with a wallclock cap.
+    # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
     preset = env("PRESET", "seeds")  # naive_baseline | seeds | top
-    loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row; "": off
+    loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row
     loop_repeats = env("LOOP_REPEATS", 2)
-    loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop switches on at this progress
-    parallel_from = env("PARALLEL_FROM", 0)  # blocks from this index on: attention and MLP read one input; 0: off
-    attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # per-head output gate from the first N channels (MODEL_DIM: dense); 0: off
-    muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R: unit rows before Newton-Schulz
-    normuon = env("NORMUON", False)  # per-row second-moment normalization of the orthogonalized update
+    loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop starts at this progress
+    parallel_from = env("PARALLEL_FROM", 0)  # from this block on, attention and MLP read one input; 0: off
+    attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # per-head output gate from the first N channels; 0: off
+    muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R
+    normuon = env("NORMUON", False)
     normuon_beta2 = env("NORMUON_BETA2", 0.95)
-    min_lr = env("MIN_LR", 0.0)  # floor of the LR scale in the warmdown
-    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps (replaces EMA_DECAY)
-    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS, then the next; TRAIN_SEQ_LEN last
-    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: embedding rows clipped at k x std(row), not searched
+    min_lr = env("MIN_LR", 0.0)  # floor of the LR scale
+    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
+    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
+    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
 
     # Runtime.
     compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
@@ -281,7 +277,7 @@ def loop_range(args) -> tuple[int, int] | None:
     a, _, b = args.loop_layers.partition("-")
     a, b = int(a), int(b or a)
     if not 0 <= a <= b < args.num_layers:
-        raise ConfigError(f"LOOP_LAYERS={args.loop_layers} must be A-B with 0 <= A <= B < NUM_LAYERS={args.num_layers}")
+        raise ValueError(args.loop_layers)
     return a, b
 
 
@@ -365,23 +361,22 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(f"PRESET={args.preset} must be one of seeds, {', '.join(PRESETS)}")
     try:
         loop_range(args)
-    except (ConfigError, ValueError) as e:
-        err.append(str(e) if isinstance(e, ConfigError) else f"LOOP_LAYERS={args.loop_layers} must be A-B")
-    if args.loop_repeats < 1 or not 0 <= args.loop_start_frac < 1:
-        err.append("LOOP_REPEATS >= 1 and 0 <= LOOP_START_FRAC < 1 are required")
-    if not 0 <= args.parallel_from < args.num_layers or not 0 <= args.attn_gate_dims <= args.model_dim:
-        err.append(f"PARALLEL_FROM must be in 0..NUM_LAYERS-1 and ATTN_GATE_DIMS in 0..MODEL_DIM={args.model_dim}")
-    if not 0 <= args.normuon_beta2 < 1 or not 0 <= args.min_lr < 1 or args.ema_half_life_frac < 0 or args.embed_clip_sigmas < 0:
-        err.append("0 <= NORMUON_BETA2 < 1, 0 <= MIN_LR < 1, EMA_HALF_LIFE_FRAC >= 0 and EMBED_CLIP_SIGMAS >= 0 are required")
+    except ValueError:
+        err.append(f"LOOP_LAYERS={args.loop_layers} must be A-B with 0 <= A <= B < NUM_LAYERS")
+    if min(args.loop_repeats - 1, args.parallel_from, args.attn_gate_dims, args.normuon_beta2, args.min_lr,
+           args.ema_half_life_frac, args.embed_clip_sigmas, args.loop_start_frac) < 0 or max(args.normuon_beta2,
+           args.min_lr, args.loop_start_frac) >= 1 or args.parallel_from >= args.num_layers or args.attn_gate_dims > args.model_dim:
+        err.append("LOOP_REPEATS >= 1, PARALLEL_FROM < NUM_LAYERS, ATTN_GATE_DIMS <= MODEL_DIM, NORMUON_BETA2, MIN_LR and "
+                   "LOOP_START_FRAC in [0, 1), the others >= 0 are required")
     local = args.train_batch_tokens // (world_size * max(grad_accum_steps, 1))
     try:
         lens, until = zip(*seq_len_schedule(args))
-        if any(n < 1 or n > args.train_seq_len or local % n for n in lens) or list(until) != sorted(set(until)) \
+        if any(local % n or not 0 < n <= args.train_seq_len for n in lens) or list(until) != sorted(set(until)) \
                 or not 0 < until[0] or max(until[:-1], default=0) >= 1:
             raise ValueError
     except ValueError:
-        err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule} must be LEN:PROGRESS,... with rising PROGRESS in (0, 1) "
-                   f"and each LEN <= TRAIN_SEQ_LEN dividing the {local}-token micro-batch")
+        err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
+                   f"each LEN <= TRAIN_SEQ_LEN dividing the {local}-token micro-batch")
     if err:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
 
@@ -1888,6 +1883,7 @@ def main() -> None:
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
+    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if device.type == "cuda" and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
     optimizers, muon = build_optimizers(base_model, args, fused=device.type == "cuda")
