@@ -754,11 +754,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
-        if self.parallel:  # both lanes read the block's input; their outputs add
-            return x + attn + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
-        x = x + attn
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+        x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
+        mlp_in = x_in if self.parallel else x  # parallel: both lanes read the block's input
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.in_scale)
 
 
 class SmearGate(nn.Module):
