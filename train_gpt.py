@@ -229,6 +229,8 @@ class Hyperparameters:
     normuon = env("NORMUON", False)
     normuon_beta2 = env("NORMUON_BETA2", 0.95)
     min_lr = env("MIN_LR", 0.0)  # floor of the LR scale
+    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)  # from this progress, Muon WD goes linearly to...
+    muon_wd_final = env("MUON_WD_FINAL", 0.0)  # ...this at the end; start 1: off
     ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
     seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
     embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
@@ -364,10 +366,11 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     except ValueError:
         err.append(f"LOOP_LAYERS={args.loop_layers} must be A-B with 0 <= A <= B < NUM_LAYERS")
     if min(args.loop_repeats - 1, args.parallel_from, args.attn_gate_dims, args.normuon_beta2, args.min_lr,
-           args.ema_half_life_frac, args.embed_clip_sigmas, args.loop_start_frac) < 0 or max(args.normuon_beta2,
-           args.min_lr, args.loop_start_frac) >= 1 or args.parallel_from >= args.num_layers or args.attn_gate_dims > args.model_dim:
+           args.ema_half_life_frac, args.embed_clip_sigmas, args.loop_start_frac, args.muon_wd_taper_start) < 0 or \
+            max(args.normuon_beta2, args.min_lr, args.loop_start_frac) >= 1 or args.muon_wd_taper_start > 1 or \
+            args.parallel_from >= args.num_layers or args.attn_gate_dims > args.model_dim:
         err.append("LOOP_REPEATS >= 1, PARALLEL_FROM < NUM_LAYERS, ATTN_GATE_DIMS <= MODEL_DIM, NORMUON_BETA2, MIN_LR and "
-                   "LOOP_START_FRAC in [0, 1), the others >= 0 are required")
+                   "LOOP_START_FRAC in [0, 1), MUON_WD_TAPER_START in [0, 1], the others >= 0 are required")
     local = args.train_batch_tokens // (world_size * max(grad_accum_steps, 1))
     try:
         lens, until = zip(*seq_len_schedule(args))
@@ -1730,8 +1733,12 @@ def graph_variants(args) -> list[tuple[int, int]]:
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
-def apply_schedules(model: GPT, args, step: int, progress: float, seq_len: int, log) -> int:
-    """Set the depth loop for this step's progress; returns its training length. Logs each change."""
+def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len: int, log) -> int:
+    """Set the depth loop and Muon's weight decay for this step's progress; returns its training length."""
+    if args.muon_wd_taper_start < 1:
+        t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
+        for g in muon.param_groups:
+            g["weight_decay"] = args.muon_wd + t * (args.muon_wd_final - args.muon_wd)
     passes = 1 + args.loop_repeats if model.loop_range and progress >= args.loop_start_frac else 1
     if passes != model.loop_passes:
         model.loop_passes = passes
@@ -1965,7 +1972,7 @@ def main() -> None:
                 break
             elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
             scale = lr_scale(args, step, elapsed_ms, cap_ms)
-            seq_len = apply_schedules(base_model, args, step, train_progress(args, step, elapsed_ms, cap_ms), seq_len, log)
+            seq_len = apply_schedules(base_model, muon, args, step, train_progress(args, step, elapsed_ms, cap_ms), seq_len, log)
             loss = train_step(step, scale, seq_len)
             if qat_layers and scale < args.late_qat_threshold:
                 if not qat_on:

@@ -74,10 +74,18 @@ def test_loop_switch_compiled_forward_equals_eager():
 def test_schedules_follow_progress():
     args = tiny_args(**STACK, loop_start_frac=0.5, seq_len_schedule="4:0.25,8:0.5", train_seq_len=16)
     model, lines = tg.GPT(args), []
+    _, muon = tg.build_optimizers(model, args, fused=False)
     assert tg.graph_variants(args) == [(1, 4), (1, 8), (1, 16), (3, 4), (3, 8), (3, 16)]
-    lens = [tg.apply_schedules(model, args, s, s / 8, 16, lines.append) for s in range(8)]
+    lens = [tg.apply_schedules(model, muon, args, s, s / 8, 16, lines.append) for s in range(8)]
     assert lens == [4, 4, 8, 8, 16, 16, 16, 16]
     assert model.loop_passes == 3 and sum("layer_loop:enabled step:4" in x for x in lines) == 1
+    assert muon.param_groups[0]["weight_decay"] == args.muon_wd  # no taper unless asked
+    args.muon_wd_taper_start, args.muon_wd_final, args.muon_wd = 0.5, 0.01, 0.09
+    wds = []
+    for progress in (0.25, 0.5, 0.75, 1.0):
+        tg.apply_schedules(model, muon, args, 0, progress, 16, lines.append)
+        wds.append(muon.param_groups[0]["weight_decay"])
+    assert wds == pytest.approx([0.09, 0.09, 0.05, 0.01])
 
 
 def test_gate_tensors_stay_small_float_and_use_adam():
@@ -199,7 +207,8 @@ def test_unknown_preset_and_bad_stack_settings_stop_before_compute(sample, tmp_p
 def test_loop_and_context_switch_mid_training_keep_the_loss_finite(sample, tmp_path):
     env = tiny_run_env(sample, ITERATIONS=6, WARMUP_STEPS=4, LOOP_LAYERS="0-1", LOOP_START_FRAC=0.5,
                        SEQ_LEN_SCHEDULE="32:0.5", PARALLEL_FROM=1, ATTN_GATE_DIMS=4, MUON_ROW_NORM=1, NORMUON=1,
-                       MUON_NS_COEFFS="polar", MIN_LR=0.1, EMA_HALF_LIFE_FRAC=0.1, FINAL_EVAL="roundtrip")
+                       MUON_NS_COEFFS="polar", MIN_LR=0.1, EMA_HALF_LIFE_FRAC=0.1, MUON_WD_TAPER_START=0.5,
+                       FINAL_EVAL="roundtrip")
     out = run_script(tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "layer_loop:enabled step:3 progress:0.500 virtual_layers:6" in out.stdout
