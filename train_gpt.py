@@ -90,7 +90,7 @@ PRESETS["naive_baseline"] = dict(
 PRESETS["top"] = dict(
     MLP_MULT=4.0, QK_GAIN_INIT=5.25, MUON_MOMENTUM=0.97, MUON_ROW_NORM=True, MUON_WD=0.095, MIN_LR=0.1,
     EMA_HALF_LIFE_FRAC=0.04, LOOP_LAYERS=S("3-5", "1-1"), LOOP_REPEATS=2, LOOP_START_FRAC=0.35,
-    PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_CLIP_SIGMAS=20.0,
+    PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_CLIP_SIGMAS=20.0, EMBED_GPTQ=True,
     **({} if SMOKE else dict(VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
@@ -234,6 +234,7 @@ class Hyperparameters:
     ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
     seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
     embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
+    embed_gptq = env("EMBED_GPTQ", False)  # GPTQ the tied embedding as the output head (QUANT_METHOD=gptq)
 
     # Runtime.
     compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
@@ -830,6 +831,7 @@ class GPT(nn.Module):
         self.num_encoder = L // 2 if args.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
+        self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
         # Depth recurrence: a Python int, so each value compiles its own graph. The trained (and evaluated)
         # model loops; training switches it off until LOOP_START_FRAC (apply_schedules).
         self.loop_range = loop_range(args)
@@ -871,7 +873,7 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, ve_i)
             if i < self.num_encoder:
                 skips[i] = x
-        x = rms_norm(x)
+        x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if head_delta is not None:  # a per-document LoRA on the head (eval_lora)
             logits = logits + head_delta(x)
@@ -1471,16 +1473,18 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: flo
 def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -> dict[str, Tensor]:
     """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, CastedLinear) and quant_bits_for(name + ".weight", m.weight, args):
-            hessians[name] = torch.zeros(m.in_features, m.in_features, device=device)
-            counts[name] = 0
+    targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
+               and quant_bits_for(n + ".weight", m.weight, args)]
+    if args.embed_gptq and model.lm_head is None and quant_bits_for("tok_emb.weight", model.tok_emb.weight, args):
+        targets.append(("tok_emb", model.head_input, model.tok_emb.weight.size(1)))  # the tied head's inputs
+    for name, m, width in targets:
+        hessians[name], counts[name] = torch.zeros(width, width, device=device), 0
 
-            def hook(mod, inp, out, name=name):
-                x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-                hessians[name].addmm_(x.T, x)
-                counts[name] += x.size(0)
-            hooks.append(m.register_forward_hook(hook))
+        def hook(mod, inp, out, name=name):
+            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+            hessians[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        hooks.append(m.register_forward_hook(hook))
     for x in batches:
         with autocast_ctx(device):
             model.logits(x)

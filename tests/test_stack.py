@@ -227,3 +227,17 @@ def test_vocab_8192_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     loss, bpb = final_value(out.stdout, "final_int6_zstd_roundtrip_exact")
     assert math.isfinite(loss) and 0 < bpb < 20 and loss < math.log(8192) + 1
+
+
+def test_gptq_of_the_tied_embedding_uses_the_head_inputs_and_beats_rounding():
+    args = tiny_args(embed_gptq=True, embed_bits=4, embed_clip_sigmas=3.0, bigram_vocab_size=0, ve_enabled=False)
+    model = randomized_model(args)
+    batches = [torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    H = tg.collect_hessians(model, batches, args, torch.device("cpu"), 1)
+    assert H["tok_emb"].shape == (args.model_dim, args.model_dim)
+    assert "tok_emb" not in tg.collect_hessians(model, batches, tiny_args(embed_bits=4), torch.device("cpu"), 1)
+    W = model.tok_emb.weight.detach()
+    gptq = tg.dequantize_state_dict(tg.quantize_state_dict({"tok_emb.weight": W}, args, H))["tok_emb.weight"]
+    rtn = tg.dequantize_state_dict(tg.quantize_state_dict({"tok_emb.weight": W}, args))["tok_emb.weight"]
+    err = lambda Wq: torch.trace((W - Wq) @ H["tok_emb"] @ (W - Wq).T).item()  # E||x (W - Wq)^T||^2
+    assert err(gptq) < 0.9 * err(rtn)
