@@ -56,7 +56,9 @@ class DataError(ValueError):
 
 
 def env(name: str, default):
-    """Read env var `name`, parsed as the type of `default`, and register it as a known setting."""
+    """Read env var `name`, parsed as the type of `default` (the PRESET's value when it sets one),
+    and register it as a known setting."""
+    default = PRESETS.get(PRESET, {}).get(name, default)
     KNOWN_ENV[name] = default
     raw = os.environ.get(name)
     if raw is None:
@@ -72,11 +74,29 @@ def env(name: str, default):
         return default
 
 
+PRESET, PRESETS = os.environ.get("PRESET", "seeds"), {}
 SMOKE = env("SMOKE", False)
 
 
 def S(full, smoke):
     return smoke if SMOKE else full
+
+
+# PRESET sets defaults (an explicit env var wins; SMOKE keeps its shape): seeds = the March stack;
+# naive_baseline = the official baseline (orthogonal init and zstd stay); top = the April stack (see README).
+PRESETS["naive_baseline"] = dict(
+    MLP_MULT=2.0, LEAKY_RELU_SLOPE=0.0, LN_SCALE=False, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0, SMEAR_ENABLED=False,
+    VE_ENABLED=False, MATRIX_LR=0.04, SCALAR_LR=0.04, TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95,
+    MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=S(500, 10), WARMDOWN_ITERS=S(1200, 15), MUON_WD=0.0,
+    ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, QUANT_METHOD="rtn", ATTN_BITS=8,
+    MLP_BITS=8, QUANT_CLIP_RATIOS="1.0", FINAL_EVAL="roundtrip",
+    **({} if SMOKE else dict(NUM_LAYERS=9, ROPE_DIMS=64, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288)))
+PRESETS["top"] = dict(
+    MLP_MULT=4.0, QK_GAIN_INIT=5.25, MUON_MOMENTUM=0.97, MUON_ROW_NORM=True, MUON_WD=0.095, MIN_LR=0.1,
+    EMA_HALF_LIFE_FRAC=0.04, LOOP_LAYERS=S("3-5", "1-1"), LOOP_REPEATS=2, LOOP_START_FRAC=0.35,
+    PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_CLIP_SIGMAS=20.0, EMBED_GPTQ=True,
+    **({} if SMOKE else dict(VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
+                              TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
 class Hyperparameters:
@@ -201,6 +221,24 @@ class Hyperparameters:
     ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
+    # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
+    preset = env("PRESET", "seeds")  # naive_baseline | seeds | top
+    loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row
+    loop_repeats = env("LOOP_REPEATS", 2)
+    loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop starts at this progress
+    parallel_from = env("PARALLEL_FROM", 0)  # from this block on, attention and MLP read one input; 0: off
+    attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # per-head output gate from the first N channels; 0: off
+    muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R
+    normuon = env("NORMUON", False)
+    normuon_beta2 = env("NORMUON_BETA2", 0.95)
+    min_lr = env("MIN_LR", 0.0)  # floor of the LR scale
+    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)  # from this progress, Muon WD goes linearly to...
+    muon_wd_final = env("MUON_WD_FINAL", 0.0)  # ...this at the end; start 1: off
+    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
+    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
+    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
+    embed_gptq = env("EMBED_GPTQ", False)  # GPTQ the tied embedding as the output head (QUANT_METHOD=gptq)
+
     # Runtime.
     compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
     attn_backend = env("ATTN_BACKEND", "auto")  # auto | fa3 | fa2 | sdpa | sdpa_{flash,cudnn,efficient,math}
@@ -232,10 +270,6 @@ def misspelt_env_warnings() -> list[str]:
     return out
 
 
-def ns_coeffs(args) -> list[float]:
-    return [float(c) for c in args.muon_ns_coeffs.split(",")]
-
-
 def ve_layer_indices(args) -> list[int]:
     if not args.ve_enabled or not args.ve_layers.strip():
         return []
@@ -248,6 +282,16 @@ def ve_layer_indices(args) -> list[int]:
     return sorted({i % args.num_layers for i in idx})
 
 
+def loop_range(args) -> tuple[int, int] | None:
+    if not args.loop_layers.strip():
+        return None
+    a, _, b = args.loop_layers.partition("-")
+    a, b = int(a), int(b or a)
+    if not 0 <= a <= b < args.num_layers:
+        raise ValueError(args.loop_layers)
+    return a, b
+
+
 def final_modes(args) -> list[str]:
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
@@ -256,14 +300,15 @@ def final_modes(args) -> list[str]:
 AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
               "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
               "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
-              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK").split()
+              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK LOOP_REPEATS").split()
 AT_LEAST_0 = ("ITERATIONS WARMUP_STEPS WARMDOWN_ITERS VAL_LOSS_EVERY GRAD_ACCUM_STEPS XSA_LAST_N MUON_MOMENTUM_WARMUP_STEPS "
               "MAX_WALLCLOCK_SECONDS GPTQ_RESERVE_SECONDS TTT_MAX_SECONDS TTT_EPOCHS TTT_FREEZE_BLOCKS MATRIX_LR SCALAR_LR "
               "TIED_EMBED_LR EMBED_LR HEAD_LR MUON_WD ADAM_WD GRAD_CLIP_NORM LATE_QAT_THRESHOLD TTT_LR TTT_LORA_LR "
-              "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA").split()
+              "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA PARALLEL_FROM ATTN_GATE_DIMS EMA_HALF_LIFE_FRAC EMBED_CLIP_SIGMAS "
+              "MUON_WD_TAPER_START MUON_WD_FINAL").split()
 POSITIVE = "MLP_MULT LOGIT_SOFTCAP ROPE_BASE ADAM_EPS GPTQ_DAMP TIED_EMBED_INIT_STD NGRAM_PRIOR".split()
-BELOW_1 = "BETA1 BETA2 MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START EMA_DECAY".split()  # and >= 0
-CHOICES = dict(QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
+BELOW_1 = "BETA1 BETA2 MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START EMA_DECAY NORMUON_BETA2 MIN_LR LOOP_START_FRAC".split()  # and >= 0
+CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
@@ -337,14 +382,30 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
         err.append("NGRAM_ORDER must be in 1..8 and NGRAM_INIT_WEIGHT in (0, 1)")
     try:
-        if len(ns_coeffs(args)) != 3 or not all(map(math.isfinite, ns_coeffs(args))):
+        coeffs = ns_coefficients(args.muon_ns_coeffs)
+        if coeffs is not POLAR_EXPRESS and (len(coeffs) != 3 or not all(map(math.isfinite, coeffs))):
             raise ValueError
     except ValueError:
-        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c")
+        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
     try:
         ve_layer_indices(args)
     except (ConfigError, ValueError) as e:
         err.append(str(e))
+    try:
+        loop_range(args)
+    except ValueError:
+        err.append(f"LOOP_LAYERS={args.loop_layers} must be A-B with 0 <= A <= B < NUM_LAYERS")
+    if args.parallel_from >= args.num_layers or args.attn_gate_dims > args.model_dim or args.muon_wd_taper_start > 1:
+        err.append("PARALLEL_FROM < NUM_LAYERS, ATTN_GATE_DIMS <= MODEL_DIM and MUON_WD_TAPER_START <= 1 are required")
+    local = args.train_batch_tokens // (world_size * max(grad_accum_steps, 1))
+    try:
+        lens, until = zip(*seq_len_schedule(args))
+        if any(local % n or not 0 < n <= args.train_seq_len for n in lens) or list(until) != sorted(set(until)) \
+                or not 0 < until[0] or max(until[:-1], default=0) >= 1:
+            raise ValueError
+    except ValueError:
+        err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
+                   f"each LEN <= TRAIN_SEQ_LEN dividing the {local}-token micro-batch")
     if err:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
 
@@ -355,15 +416,30 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
 # Each rank orthogonalizes its share of the matrices; one all-reduce shares the results.
 # -----------------------------------------------------------------------------
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs: tuple[float, float, float], eps: float = 1e-7) -> Tensor:
-    """Approximate U V^T of G = U S V^T: a quintic iteration that pushes singular values towards 1."""
-    a, b, c = coeffs
+# Polar Express (Amsel et al. 2025): a quintic per iteration, each optimal for the spectrum left by the last.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def ns_coefficients(spec: str):
+    """MUON_NS_COEFFS: "a,b,c" for every iteration, or "polar"."""
+    return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs, eps: float = 1e-7) -> Tensor:
+    """Approximate U V^T of G = U S V^T: quintic iterations that push singular values towards 1.
+    coeffs: one (a, b, c) for every iteration, or one triple per iteration (the last one repeats)."""
+    table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
     transposed = X.size(0) > X.size(1)
     if transposed:  # iterate on the smaller Gram matrix
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if transposed else X
@@ -373,9 +449,23 @@ class Muon(torch.optim.Optimizer):
     """Rank r orthogonalizes parameters r, r + world, ... of each group; each round of `world`
     parameters is summed across ranks asynchronously, overlapping the next round's Newton-Schulz."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs, weight_decay: float):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      coeffs=tuple(coeffs), weight_decay=weight_decay))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs, weight_decay: float,
+                 row_norm: bool = False, normuon_beta2: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
+                                      weight_decay=weight_decay))
+        self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
+
+    def orthogonalize(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+        if self.row_norm:  # MuonEq-R: every row (output neuron) of the update enters with unit norm
+            g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+        g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
+        if self.normuon_beta2:  # NorMuon: divide each row by its running RMS, then restore the update's norm
+            g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
+            v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
+            n = g.norm()
+            g = g / (v.sqrt() + 1e-8)
+            g = g * (n / (g.norm() + 1e-8))
+        return g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
 
     @torch.no_grad()
     def step(self):
@@ -394,8 +484,7 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(m).add_(p.grad)
                     g = p.grad.add(buf, alpha=m)  # Nesterov
-                    g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
-                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
+                    g = self.orthogonalize(p, g, group)
                     flat[offset:offset + n] = g.flatten().float()
                 offset += n
                 if distributed and (i % world == world - 1 or i == len(group["params"]) - 1):
@@ -711,7 +800,7 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 train_seq_len: int, qk_gain_init: float, xsa: bool):
+                 train_seq_len: int, qk_gain_init: float, xsa: bool, gate_dims: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim)
@@ -720,6 +809,8 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary, self.rope_dims, self.xsa = Rotary(rope_dims, rope_base, train_seq_len), rope_dims, xsa
+        # Output gate per head, 2 sigmoid(W x[:gate_dims]): zero-initialized, so it starts as the identity.
+        self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
 
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, _ = x.shape
@@ -735,6 +826,8 @@ class Attention(nn.Module):
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * 2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -753,18 +846,20 @@ class Block(nn.Module):
         super().__init__()
         dim = args.model_dim
         self.attn = Attention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                              args.train_seq_len, args.qk_gain_init, xsa)
+                              args.train_seq_len, args.qk_gain_init, xsa, args.attn_gate_dims)
         self.mlp = MLP(dim, args.mlp_mult, args.leaky_relu_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (stream, x0) weights
         self.in_scale = 1.0 / math.sqrt(layer_idx + 1) if args.ln_scale else 1.0
+        self.parallel = 0 < args.parallel_from <= layer_idx
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+        x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
+        mlp_in = x_in if self.parallel else x  # parallel: both lanes read the block's input
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.in_scale)
 
 
 class SmearGate(nn.Module):
@@ -835,6 +930,11 @@ class GPT(nn.Module):
         self.num_encoder = L // 2 if args.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
+        self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
+        # Depth recurrence: a Python int, so each value compiles its own graph. The trained (and evaluated)
+        # model loops; training switches it off until LOOP_START_FRAC (apply_schedules).
+        self.loop_range = loop_range(args)
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1
         self._init_weights(args)
 
     def _init_weights(self, args) -> None:
@@ -844,6 +944,14 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
+    def layer_order(self) -> list[int]:
+        """Blocks in run order: with looping on, the loop range runs loop_passes times in a row."""
+        order = list(range(len(self.blocks)))
+        if self.loop_passes > 1:
+            a, b = self.loop_range
+            order = order[:b + 1] + list(range(a, b + 1)) * (self.loop_passes - 1) + order[b + 1:]
+        return order
+
     def logits(self, ids: Tensor, head_delta=None) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -851,18 +959,20 @@ class GPT(nn.Module):
         x = rms_norm(x.to(self.act_dtype))
         if self.smear is not None:
             x = self.smear(x, ids)
-        x0, skips = x, []
+        x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+        # Skips and value embeddings follow the physical block: a repeated decoder block reads its mirror
+        # encoder block's latest output; a repeated encoder block overwrites it.
+        for i in self.layer_order():
+            if 0 <= i - self.num_encoder < len(self.skip_weights):
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
             ve_i = None
             if i in self.ve_layers:
                 ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype)
-            x = block(x, x0, ve_i)
+            x = self.blocks[i](x, x0, ve_i)
             if i < self.num_encoder:
-                skips.append(x)
-        x = rms_norm(x)
+                skips[i] = x
+        x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if head_delta is not None:  # a per-document LoRA on the head (eval_lora)
             logits = logits + head_delta(x)
@@ -1487,11 +1597,13 @@ def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return torch.clamp(torch.round(w / scale), -qmax, qmax)
 
 
-def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
+def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...], sigmas: float = 0.0) -> Tensor:
     """Per-row scale (fp16-representable, shape (rows, 1)): the clip ratio of the row's max |w|
-    whose round-to-nearest error is lowest."""
+    whose round-to-nearest error is lowest; with `sigmas` (SDClip) the clip is sigmas x std(row)."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    if sigmas:
+        amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
     best_scale, best_err = None, None
     for r in ratios:
         scale = (amax * r / qmax).half().float().clamp_min(6e-8)
@@ -1504,10 +1616,10 @@ def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
     return best_scale
 
 
-def quantize_per_row(w: Tensor, bits: int, ratios: tuple[float, ...] = (1.0,)) -> tuple[Tensor, Tensor]:
+def quantize_per_row(w: Tensor, bits: int, ratios: tuple[float, ...] = (1.0,), sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
     """Round-to-nearest: w ~ q * scale[:, None], |q| <= 2^(bits-1) - 1."""
     w = w.float()
-    scale = row_scales(w, bits, ratios)
+    scale = row_scales(w, bits, ratios, sigmas)
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
@@ -1516,12 +1628,12 @@ def fake_quantize(w: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: float, act_order: bool):
+def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: float, act_order: bool, sigmas: float = 0.0):
     """GPTQ: quantize columns in order, pushing each column's rounding error onto the columns not yet
     quantized through the inverse Hessian of the layer's inputs (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
-    scale = row_scales(W, bits, ratios)
+    scale = row_scales(W, bits, ratios, sigmas)
     H = H.float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -1554,16 +1666,18 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: flo
 def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -> dict[str, Tensor]:
     """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, CastedLinear) and quant_bits_for(name + ".weight", m.weight, args):
-            hessians[name] = torch.zeros(m.in_features, m.in_features, device=device)
-            counts[name] = 0
+    targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
+               and quant_bits_for(n + ".weight", m.weight, args)]
+    if args.embed_gptq and model.lm_head is None and quant_bits_for("tok_emb.weight", model.tok_emb.weight, args):
+        targets.append(("tok_emb", model.head_input, model.tok_emb.weight.size(1)))  # the tied head's inputs
+    for name, m, width in targets:
+        hessians[name], counts[name] = torch.zeros(width, width, device=device), 0
 
-            def hook(mod, inp, out, name=name):
-                x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-                hessians[name].addmm_(x.T, x)
-                counts[name] += x.size(0)
-            hooks.append(m.register_forward_hook(hook))
+        def hook(mod, inp, out, name=name):
+            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+            hessians[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        hooks.append(m.register_forward_hook(hook))
     for x in batches:
         with autocast_ctx(device):
             model.logits(x)
@@ -1584,9 +1698,10 @@ def quantize_state_dict(state: dict[str, Tensor], args, hessians: dict[str, Tens
         if bits is None:
             out[name] = dict(bits=None, data=t.detach().cpu().to(torch.float16 if t.ndim == 2 else torch.float32))
             continue
+        sigmas = args.embed_clip_sigmas if name in EMBED_NAMES else 0.0
         qs = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp,
-                           args.gptq_act_order) if H is not None else None
-        q, scale = qs if qs is not None else quantize_per_row(t.detach(), bits, ratios)
+                           args.gptq_act_order, sigmas) if H is not None else None
+        q, scale = qs if qs is not None else quantize_per_row(t.detach(), bits, ratios, sigmas)
         out[name] = dict(bits=bits, q=q.cpu(), scale=scale.cpu())
     return out
 
@@ -1778,7 +1893,7 @@ def build_optimizers(model: GPT, args, fused: bool):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
     matrices = [p for n, p in model.named_parameters()
                 if p.ndim == 2 and not any(n.startswith(e) for e in EMBED_NAMES) and not n.startswith("lm_head")
-                and not n.startswith("skip_weights") and not n.endswith("resid_mix")]
+                and not n.startswith("skip_weights") and not n.endswith(("resid_mix", "attn.gate"))]
     taken = {id(p) for p in embeds + matrices} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = lambda params, lr: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2),
@@ -1787,20 +1902,21 @@ def build_optimizers(model: GPT, args, fused: bool):
     if model.lm_head is not None:
         optimizers.append(adam([model.lm_head.weight], args.head_lr))
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
-                coeffs=ns_coeffs(args), weight_decay=args.muon_wd)
+                coeffs=ns_coefficients(args.muon_ns_coeffs), weight_decay=args.muon_wd, row_norm=args.muon_row_norm,
+                normuon_beta2=args.normuon_beta2 if args.normuon else 0.0)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
     return optimizers + [muon], muon
 
 
-def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: int, device) -> Tensor:
+def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: int, device, seq_len: int = 0) -> Tensor:
     """Gradients of the mean loss over grad_accum_steps micro-batches (a DDP model syncs them on the
     last); returns the mean loss, on the device."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro == grad_accum_steps - 1
-        x, y = loader.next_batch(local_tokens, args.train_seq_len)
+        x, y = loader.next_batch(local_tokens, seq_len or args.train_seq_len)
         with autocast_ctx(device):
             loss = model(x, y).mean()
         (loss / grad_accum_steps).backward()
@@ -1828,9 +1944,52 @@ def lr_scale(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
-        return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+        return max(args.min_lr, min(1.0, max(args.iterations - step, 0) / args.warmdown_iters))
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    return min(1.0, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+    return max(args.min_lr, min(1.0, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)))
+
+
+def train_progress(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+    return step / max(args.iterations, 1) if cap_ms is None else elapsed_ms / cap_ms
+
+
+def seq_len_schedule(args) -> list[tuple[int, float]]:
+    """[(length, until progress), ...], TRAIN_SEQ_LEN last, until the end."""
+    items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
+    return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
+
+
+def graph_variants(args) -> list[tuple[int, int]]:
+    """Every (loop passes, training length) that training runs: each is one compiled graph, primed in warm-up."""
+    passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
+    return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
+
+
+def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len: int, log) -> int:
+    """Set the depth loop and Muon's weight decay for this step's progress; returns its training length."""
+    if args.muon_wd_taper_start < 1:
+        t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
+        for g in muon.param_groups:
+            g["weight_decay"] = args.muon_wd + t * (args.muon_wd_final - args.muon_wd)
+    passes = 1 + args.loop_repeats if model.loop_range and progress >= args.loop_start_frac else 1
+    if passes != model.loop_passes:
+        model.loop_passes = passes
+        if passes > 1:
+            log(f"layer_loop:enabled step:{step} progress:{progress:.3f} virtual_layers:{len(model.layer_order())}")
+    new_len = next(n for n, until in seq_len_schedule(args) if progress < until)
+    if new_len != seq_len:
+        log(f"train_seq_len:{new_len} step:{step} progress:{progress:.3f}")
+    return new_len
+
+
+def ema_decay(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+    """EMA_DECAY, or with EMA_HALF_LIFE_FRAC the decay whose half-life is that fraction of the expected steps
+    (ITERATIONS, or fewer if the mean step time so far runs out the wallclock cap first): a short run
+    is never exported as a blend with its initialization."""
+    if args.ema_half_life_frac <= 0:
+        return args.ema_decay
+    expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
+    return 0.5 ** (1 / max(args.ema_half_life_frac * expected, 1.0))
 
 
 class WeightAverager:
@@ -1842,10 +2001,10 @@ class WeightAverager:
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
-    def update(self, step: int, scale: float) -> None:
+    def update(self, step: int, scale: float, decay: float) -> None:
         state = self.model.state_dict()
         if self.ema is not None:
-            torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - self.args.ema_decay)
+            torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
         if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
             src = self.ema if (self.ema is not None and self.args.swa_from_ema) else {k: v.float() for k, v in state.items()}
             if self.swa is None:
@@ -1930,8 +2089,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(self, step: int, scale: float) -> Tensor:
-        loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device)
+    def train_step(self, step: int, scale: float, seq_len: int) -> Tensor:
+        loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device,
+                                seq_len)
         optimizer_step(self.base_model, self.optimizers, self.muon, self.args, step, scale)
         return loss
 
@@ -1941,8 +2101,10 @@ class Trainer:
             return
         init_model = copy.deepcopy(self.base_model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        variants = graph_variants(self.args)
         for ws in range(self.args.warmup_steps):
-            self.train_step(0, 1.0)
+            self.base_model.loop_passes, seq_len = variants[ws % len(variants)]
+            self.train_step(0, 1.0, seq_len)
             self.log(f"warmup_step:{ws + 1}/{self.args.warmup_steps}")
         self.base_model.load_state_dict(init_model)
         for opt, st in zip(self.optimizers, init_opts):
@@ -1994,7 +2156,7 @@ class Trainer:
         """Train until ITERATIONS or the wallclock cap (or a signal), validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        stop_after_step = None
+        stop_after_step, seq_len = None, args.train_seq_len
         pending = None  # last step's flags (a HostCopy), read one step late: the host never stalls the GPU
         self.sync()
         t0 = time.perf_counter()
@@ -2016,13 +2178,15 @@ class Trainer:
                     break
                 elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
                 scale = lr_scale(args, step, elapsed_ms, self.cap_ms)
-                loss = self.train_step(step, scale)
+                progress = train_progress(args, step, elapsed_ms, self.cap_ms)
+                seq_len = apply_schedules(self.base_model, self.muon, args, step, progress, seq_len, log)
+                loss = self.train_step(step, scale, seq_len)
                 if self.qat_layers and scale < args.late_qat_threshold:
                     if not self.qat_on:
                         log(f"late_qat:enabled step:{step} lr_scale:{scale:.4f} layers:{len(self.qat_layers)}")
                         self.qat_on = True
                     refresh_qat(self.qat_layers, clip_ratios(args))
-                self.averager.update(step, scale)
+                self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
                 if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
@@ -2188,6 +2352,7 @@ def main() -> None:
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
+    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if device.type == "cuda" and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
