@@ -1,7 +1,12 @@
 """Pack train_gpt.py into a short self-extracting script (lzma + base85 + exec), and back.
 
     python3 records/pack_script.py train_gpt.py -o /tmp/train_gpt.py     # pack, print the bytes saved
+    python3 records/pack_script.py --strip train_gpt.py -o /tmp/p.py     # also drop comments and docstrings
     python3 records/pack_script.py --unpack records/.../train_gpt.py     # print the readable source
+
+`--strip` packs the same program without its comments and docstrings (the source is parsed and
+written back by `ast.unparse`: formatting changes, behaviour does not; a test runs both and compares
+their logs). `--unpack` then gives that stripped source, so keep the readable script in the repository.
 
 The wrapper execs the source in its own module namespace, so `__name__` and `__file__` are the
 wrapper's: the script snapshots its own (packed) file into the log and logs the packed bytes as
@@ -11,6 +16,7 @@ repository root (SMOKE=1 imports data/ next to it), or give it DATA_PATH and TOK
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import lzma
 import sys
@@ -26,6 +32,17 @@ def pack(source: str) -> str:
     packed = PREFIX + base64.b85encode(payload).decode("ascii") + SUFFIX
     assert unpack(packed) == source
     return packed
+
+
+def strip(source: str) -> str:
+    """The same program without comments and docstrings."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
 
 
 def unpack(text: str) -> str | None:
@@ -50,6 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("script", type=Path)
     p.add_argument("-o", "--output", type=Path, help="write the packed script here (default: only print sizes)")
     p.add_argument("--unpack", action="store_true", help="print the readable source of a packed script")
+    p.add_argument("--strip", action="store_true", help="drop comments and docstrings before packing")
     a = p.parse_args(argv)
     text = a.script.read_text(encoding="utf-8")
     if a.unpack:
@@ -60,7 +78,7 @@ def main(argv=None) -> None:
         return
     if unpack(text) is not None:
         sys.exit(f"error: {a.script} is already packed")
-    packed = pack(text)
+    packed = pack(strip(text) if a.strip else text)
     if a.output:
         a.output.write_text(packed, encoding="utf-8")
     saved = utf8_len(text) - utf8_len(packed)

@@ -20,7 +20,7 @@ import significance  # noqa: E402
 import size_planner  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from data.sample import build_sample  # noqa: E402
-from pack_script import pack, unpack  # noqa: E402
+from pack_script import pack, strip, unpack  # noqa: E402
 
 # Every setting differs from its (non-smoke) default, so each must appear in the packaged command.
 TINY = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, TRAIN_SEQ_LEN=64,
@@ -46,13 +46,14 @@ def start(script: Path, cwd: Path, sample, settings: dict) -> subprocess.Popen:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Three real runs at once (one thread each): the tiny config from the readable and from the
-    packed script, and a trained small model. name -> log path, and "script" -> the script that ran
+    packed script (comments and docstrings stripped), and a trained small model. name -> log path,
+    and "script" -> the script that ran
     (a copy: the runs and the checks see the same bytes even if train_gpt.py is being edited)."""
     tmp = tmp_path_factory.mktemp("runs")
     sample = build_sample(tmp / "sample", vocab_size=512, train_tokens=60_000, val_docs=8)
     script = tmp / "train_gpt.py"
     script.write_bytes((ROOT / "train_gpt.py").read_bytes())
-    (tmp / "packed.py").write_text(pack(script.read_text(encoding="utf-8")), encoding="utf-8")
+    (tmp / "packed.py").write_text(pack(strip(script.read_text(encoding="utf-8"))), encoding="utf-8")
     procs = {"plain": start(script, tmp / "plain", sample, TINY),
              "packed": start(tmp / "packed.py", tmp / "packed", sample, TINY),
              "trained": start(script, tmp / "trained", sample, TRAINED)}
@@ -263,10 +264,10 @@ def masked_lines(log: Path) -> list[str]:
     return [re.sub(r"(time|step_avg|remaining):[\d.]+m?s", r"\1:*", line) for line in lines]
 
 
-def test_packed_script_runs_identically_and_logs_its_own_bytes(runs):
+def test_packed_stripped_script_runs_identically_and_logs_its_own_bytes(runs):
     plain, packed = runlog.read_log(runs["plain"]), runlog.read_log(runs["packed"])
     assert masked_lines(runs["packed"]) == masked_lines(runs["plain"])
-    assert unpack(packed.code) == plain.code  # the packed run snapshotted the wrapper it ran...
+    assert unpack(packed.code) == strip(plain.code)  # the packed run snapshotted the wrapper it ran...
     assert packed.code_bytes == len(packed.code.encode()) < plain.code_bytes - 30_000  # ...and counted its bytes
 
 
