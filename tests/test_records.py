@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "records"))
 
+import bench_ablation  # noqa: E402
 import compare_runs  # noqa: E402
 import package_record  # noqa: E402
 import runlog  # noqa: E402
@@ -269,6 +270,23 @@ def test_packed_stripped_script_runs_identically_and_logs_its_own_bytes(runs):
     assert masked_lines(runs["packed"]) == masked_lines(runs["plain"])
     assert unpack(packed.code) == strip(plain.code)  # the packed run snapshotted the wrapper it ran...
     assert packed.code_bytes == len(packed.code.encode()) < plain.code_bytes - 30_000  # ...and counted its bytes
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def test_ablation_arms_resolve_and_the_table_reads_real_logs(runs, tmp_path):
+    for arm in bench_ablation.ARMS:  # every arm's settings are valid for the script
+        env = bench_ablation.arm_env(arm, 1)
+        args = subprocess.run([sys.executable, "-c", "import train_gpt as tg; a = tg.Hyperparameters(); "
+                               "tg.validate_config(a, 1, 8); print(a.num_layers, a.iterations, a.seed)"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert args.returncode == 0 and args.stdout.split() == ["4", "306", "1"], (arm, args.stderr[-1000:])
+    for arm in ("seeds", "loop"):
+        (tmp_path / f"{arm}_s7").mkdir()
+        (tmp_path / f"{arm}_s7" / "out.txt").write_text(runs["plain"].read_text())
+    rows = bench_ablation.table(tmp_path, [7]).splitlines()
+    bpb = float(re.search(r"final_int\d+_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", runs["plain"].read_text()).group(1))
+    assert len(rows) == 4 and f"| {bpb:.4f} | {bpb:.4f} |" in rows[2] and "| +0.0000 |" in rows[3]
 
 
 # ----------------------------------------------------------------------------- significance
