@@ -55,9 +55,8 @@ class DataError(ValueError):
     """A missing, corrupt or mismatched shard, tokenizer or artifact."""
 
 
-def env(name: str, default):
-    """Read env var `name`, parsed as the type of `default` (the PRESET's value when it sets one),
-    and register it as a known setting."""
+def env(name, default):
+    """Env var `name` parsed as the type of `default` (the PRESET's, if it sets one); registered as a setting."""
     default = PRESETS.get(PRESET, {}).get(name, default)
     KNOWN_ENV[name] = default
     raw = os.environ.get(name)
@@ -65,11 +64,9 @@ def env(name: str, default):
         return default
     try:
         if isinstance(default, bool):
-            if raw.strip().lower() not in ("0", "1", "true", "false"):
-                raise ValueError
-            return raw.strip().lower() in ("1", "true")
+            return {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
         return type(default)(raw)
-    except ValueError:
+    except (KeyError, ValueError):
         ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
         return default
 
@@ -175,8 +172,8 @@ class Hyperparameters:
     attn_bits = env("ATTN_BITS", 6)
     mlp_bits = env("MLP_BITS", 6)
     embed_bits = env("EMBED_BITS", 8)  # 16 keeps embeddings in fp16
-    # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke model's matrices are all under
-    # the small-tensor size: forcing them in makes the smoke run exercise GPTQ and late QAT.
+    # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke matrices are all small: forced in,
+    # the smoke run exercises GPTQ and late QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     quant_method = env("QUANT_METHOD", "gptq")  # gptq | rtn (round to nearest)
     quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
@@ -197,8 +194,8 @@ class Hyperparameters:
 
     # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves room in the 600 s evaluation for the
-    # roundtrip, sliding, n-gram and audit passes: an estimate from the seeds' 8xH100 timings, unmeasured here.
+    # Per TTT mode, scoring included; 0: no limit. 400 s leaves room in the 600 s evaluation for the other
+    # passes: an estimate from the seeds' 8xH100 timings, unmeasured here.
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
@@ -257,7 +254,7 @@ FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
 
 
-def misspelt_env_warnings() -> list[str]:
+def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
@@ -270,7 +267,7 @@ def misspelt_env_warnings() -> list[str]:
     return out
 
 
-def ve_layer_indices(args) -> list[int]:
+def ve_layer_indices(args):
     if not args.ve_enabled or not args.ve_layers.strip():
         return []
     try:
@@ -282,7 +279,7 @@ def ve_layer_indices(args) -> list[int]:
     return sorted({i % args.num_layers for i in idx})
 
 
-def loop_range(args) -> tuple[int, int] | None:
+def loop_range(args):
     if not args.loop_layers.strip():
         return None
     a, _, b = args.loop_layers.partition("-")
@@ -292,7 +289,7 @@ def loop_range(args) -> tuple[int, int] | None:
     return a, b
 
 
-def final_modes(args) -> list[str]:
+def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
@@ -312,7 +309,7 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
-def check_ranges(args) -> list[str]:
+def check_ranges(args):
     """Every float finite; every setting above within its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
@@ -327,7 +324,7 @@ def check_ranges(args) -> list[str]:
     return err
 
 
-def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
+def validate_config(args, world_size, grad_accum_steps):
     """Refuse impossible settings before any data is read or compute spent."""
     err = list(ENV_ERRORS) + check_ranges(args)
     if err:  # the checks below assume these
@@ -424,14 +421,14 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def ns_coefficients(spec: str):
+def ns_coefficients(spec):
     """MUON_NS_COEFFS: "a,b,c" for every iteration, or "polar"."""
     return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs, eps: float = 1e-7) -> Tensor:
-    """Approximate U V^T of G = U S V^T: quintic iterations that push singular values towards 1.
-    coeffs: one (a, b, c) for every iteration, or one triple per iteration (the last one repeats)."""
+def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
+    """U V^T of G = U S V^T, approximately: quintic iterations push the singular values towards 1.
+    coeffs: one (a, b, c), or one per iteration (the last one repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -446,16 +443,15 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs, eps: float = 1e-7
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ... of each group; each round of `world`
-    parameters is summed across ranks asynchronously, overlapping the next round's Newton-Schulz."""
+    """Rank r orthogonalizes parameters r, r + world, ... of each group; each round's results are summed
+    across ranks asynchronously, during the next round's Newton-Schulz."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs, weight_decay: float,
-                 row_norm: bool = False, normuon_beta2: float = 0.0):
+    def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
                                       weight_decay=weight_decay))
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
-    def orthogonalize(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+    def orthogonalize(self, p, g, group):
         if self.row_norm:  # MuonEq-R: every row (output neuron) of the update enters with unit norm
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
@@ -488,7 +484,6 @@ class Muon(torch.optim.Optimizer):
                     flat[offset:offset + n] = g.flatten().float()
                 offset += n
                 if distributed and (i % world == world - 1 or i == len(group["params"]) - 1):
-                    # This round's updates travel while the next round is orthogonalized.
                     pending.append(dist.all_reduce(flat[round_start:offset], async_op=True))
                     round_start = offset
         for work in pending:
@@ -509,7 +504,7 @@ class Muon(torch.optim.Optimizer):
 # A piece's leading "\u2581" is one space byte, except right after a boundary token (BOS).
 # -----------------------------------------------------------------------------
 
-def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+def build_sentencepiece_luts(sp, vocab_size, device):
     table = max(int(sp.vocab_size()), vocab_size)
     base_bytes = np.zeros(table, dtype=np.int16)
     has_leading_space = np.zeros(table, dtype=np.bool_)
@@ -535,13 +530,13 @@ def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tenso
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
-def is_caseops_tokenizer(sp) -> bool:
+def is_caseops_tokenizer(sp):
     return any(sp.piece_to_id(c) != sp.unk_id() for c in CASEOPS_CONTROLS)
 
 
-def target_bytes(tokens: Tensor, luts) -> Tensor:
-    """UTF-8 bytes of the text each target tokens[1:] stands for. `luts` is the tokenizer's tables, or
-    a byte sidecar: one count per token of `tokens` (load_validation_bytes), the count of a target."""
+def target_bytes(tokens, luts):
+    """UTF-8 bytes of the text each target tokens[1:] stands for. `luts`: the tokenizer's tables, or a
+    byte sidecar (one count per token of `tokens`)."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -560,7 +555,7 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable as a token shard
 
 
-def shard_token_count(path, magic: int = SHARD_MAGIC) -> int:
+def shard_token_count(path, magic=SHARD_MAGIC):
     """Check a shard's header and size (no token is read); returns its token count."""
     path = str(path)
     size = os.path.getsize(path)
@@ -577,7 +572,7 @@ def shard_token_count(path, magic: int = SHARD_MAGIC) -> int:
     return n
 
 
-def load_data_shard(path, vocab_size: int | None = None, magic: int = SHARD_MAGIC) -> np.ndarray:
+def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
     n = shard_token_count(path, magic)
     tokens = np.fromfile(str(path), dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
@@ -586,7 +581,7 @@ def load_data_shard(path, vocab_size: int | None = None, magic: int = SHARD_MAGI
     return tokens
 
 
-def shard_files(pattern: str, what: str) -> list[str]:
+def shard_files(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no {what} shards match {pattern}: download them with "
@@ -597,17 +592,17 @@ def shard_files(pattern: str, what: str) -> list[str]:
 class TokenStream:
     """Reads the shards in order, forever, handing out contiguous token spans."""
 
-    def __init__(self, pattern: str, vocab_size: int):
+    def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
         for f in self.files:  # every header and size now: a bad shard found mid-run wastes the run up to it
             shard_token_count(f)
         self.seek(0, 0)
 
-    def seek(self, file_idx: int, pos: int) -> None:
+    def seek(self, file_idx, pos):
         self.file_idx, self.pos = file_idx, pos
         self.tokens = load_data_shard(self.files[file_idx], self.vocab_size)
 
-    def take(self, n: int) -> np.ndarray:
+    def take(self, n):
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
@@ -623,10 +618,10 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step, every rank takes its own slice of one shared chunk (plus one token for targets)."""
 
-    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device):
+    def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def next_batch(self, local_tokens, seq_len):
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
@@ -635,16 +630,16 @@ class DistributedTokenLoader:
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern: str, vocab_size: int, seq_len: int) -> Tensor:
+def load_validation_tokens(pattern, vocab_size, seq_len):
     tokens = np.concatenate([load_data_shard(f, vocab_size) for f in shard_files(pattern, "validation")])
     if len(tokens) < 2:
         raise DataError(f"validation split {pattern} holds {len(tokens)} tokens: nothing to score")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-def load_validation_bytes(pattern: str) -> Tensor | None:
-    """The original UTF-8 bytes of each validation token, from the byte sidecar beside each val shard
-    (fineweb_val_N.bin -> fineweb_valbytes_N.bin, written by a CaseOps export); None if there are none."""
+def load_validation_bytes(pattern):
+    """Each validation token's original UTF-8 bytes, from the CaseOps byte sidecars beside the val shards
+    (fineweb_val_N.bin -> fineweb_valbytes_N.bin); None if there are none."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
@@ -667,9 +662,8 @@ def load_validation_bytes(pattern: str) -> Tensor | None:
 
 
 def validation_byte_source(args, sp, luts, log):
-    """What counts the bytes of val_bpb: the val shards' byte sidecars if they have them (the original
-    text's bytes, CaseOps), else the tokenizer's tables. A CaseOps tokenizer without sidecars is refused:
-    its tables would count the transformed text (controls, lowercase) instead of the original bytes."""
+    """What counts val_bpb's bytes: the byte sidecars if any, else the tokenizer's tables; refused for a
+    CaseOps tokenizer, whose tables would count the transformed text, not the original bytes."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -689,28 +683,27 @@ def validation_byte_source(args, sp, luts, log):
 BOS_ID = 1
 
 
-def rms_norm(x: Tensor) -> Tensor:
+def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
 class CastedLinear(nn.Linear):
     """fp32 master weights, computed in the activation dtype; `zero_init` marks output projections.
-    Late QAT: `qat_delta` (a buffer, so a compiled graph reads its current value; a Python flag
-    would be frozen at compile time) holds fake_quantize(w) - w, refreshed after each optimizer
-    step; adding it is a straight-through estimator: forward sees quantized weights, gradients
-    reach w unchanged. It stays zero until QAT starts."""
+    Late QAT: the buffer `qat_delta` (a compiled graph reads its current value, unlike a Python flag)
+    holds fake_quantize(w) - w after each optimizer step, zero until QAT starts: a straight-through
+    estimator, forward sees quantized weights and gradients reach w unchanged."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init, self.qat_bits = zero_init, None
         self.register_buffer("qat_delta", None, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         w = self.weight if self.qat_delta is None else self.weight + self.qat_delta
         return F.linear(x, w.to(x.dtype))
 
 
-def prepare_qat(model: nn.Module, args) -> list[CastedLinear]:
+def prepare_qat(model, args):
     """Give every linear layer that the export quantizes a zero QAT delta; returns those layers."""
     layers = []
     for name, m in model.named_modules():
@@ -721,7 +714,7 @@ def prepare_qat(model: nn.Module, args) -> list[CastedLinear]:
 
 
 @torch.no_grad()
-def refresh_qat(layers: list[CastedLinear], ratios) -> None:
+def refresh_qat(layers, ratios):
     for m in layers:
         m.qat_delta.copy_(fake_quantize(m.weight, m.qat_bits, ratios) - m.weight)
 
@@ -732,10 +725,9 @@ ATTN_IMPL = {"name": "sdpa", "fn": None}
 SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if b.startswith("sdpa_"))
 
 
-def select_attention(requested: str, device) -> str:
-    """Pick FlashAttention 3, then 2, then SDPA (CPU always SDPA). An explicit request must be met.
-    sdpa_<kernel> allows PyTorch's SDPA that one CUDA kernel only (set before compiling, so the
-    compiled graph holds it; on CPU it is plain sdpa); plain sdpa leaves the choice to PyTorch."""
+def select_attention(requested, device):
+    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request must be met. sdpa_<kernel>
+    allows SDPA that one CUDA kernel only (set before compiling; on CPU plain sdpa)."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
@@ -755,7 +747,7 @@ def select_attention(requested: str, device) -> str:
     raise AssertionError("unreachable")
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q, k, v):
     """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). GQA handled natively by every backend."""
     if ATTN_IMPL["fn"] is not None:
         out = ATTN_IMPL["fn"](q, k, v, causal=True)
@@ -766,14 +758,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head. Past the training length the base is
-    NTK-scaled so that the slowest frequencies still span the longer context."""
+    """Partial RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
 
-    def __init__(self, dims: int, base: float, train_seq_len: int):
+    def __init__(self, dims, base, train_seq_len):
         super().__init__()
         self.dims, self.base, self.train_seq_len = dims, base, train_seq_len
 
-    def forward(self, T: int, device) -> tuple[Tensor, Tensor]:
+    def forward(self, T, device):
         base = self.base
         if T > self.train_seq_len:
             base *= (T / self.train_seq_len) ** (self.dims / (self.dims - 2)) if self.dims > 2 else 1.0
@@ -782,16 +773,15 @@ class Rotary(nn.Module):
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, dims: int) -> Tensor:
+def apply_rotary(x, cos, sin, dims):
     half = dims // 2
     x1, x2, rest = x[..., :half], x[..., half:dims], x[..., dims:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
-def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: drop from each head's output its component along the token's own value vector.
-    y: (B,T,H,D), v: (B,T,Hkv,D); heads are grouped onto their KV head without repeating v."""
+def exclusive_self_attention(y, v):
+    """XSA: drop from each head's output (B,T,H,D) its component along the token's own value (B,T,Hkv,D)."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -799,8 +789,8 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 train_seq_len: int, qk_gain_init: float, xsa: bool, gate_dims: int = 0):
+    def __init__(self, dim, num_heads, num_kv_heads, rope_dims, rope_base,
+                 train_seq_len, qk_gain_init, xsa, gate_dims=0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim)
@@ -812,7 +802,7 @@ class Attention(nn.Module):
         # Output gate per head, 2 sigmoid(W x[:gate_dims]): zero-initialized, so it starts as the identity.
         self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
 
-    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x, ve):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -832,17 +822,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float, slope: float):
+    def __init__(self, dim, mult, slope):
         super().__init__()
         hidden = int(mult * dim)
         self.fc, self.proj, self.slope = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True), slope
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, args, layer_idx: int, xsa: bool):
+    def __init__(self, args, layer_idx, xsa):
         super().__init__()
         dim = args.model_dim
         self.attn = Attention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
@@ -854,7 +844,7 @@ class Block(nn.Module):
         self.in_scale = 1.0 / math.sqrt(layer_idx + 1) if args.ln_scale else 1.0
         self.parallel = 0 < args.parallel_from <= layer_idx
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x, x0, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
@@ -863,14 +853,13 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one through a learned per-dim gate, never across a
-    document boundary: a BOS position (and position 0) keeps its own vector."""
+    """Blend each position with the previous one by a learned per-dim gate; a BOS (and position 0) keeps its own."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+    def forward(self, x, ids):
         g = torch.sigmoid(self.gate.to(x.dtype))
         prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         g = g * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
@@ -878,10 +867,9 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding, projected to the model width. Slot
-    `size - 1` stands for "no previous token" (position 0 and document starts)."""
+    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token (BOS, position 0)."""
 
-    def __init__(self, size: int, dim: int, model_dim: int):
+    def __init__(self, size, dim, model_dim):
         super().__init__()
         self.size = size
         self.embed = nn.Embedding(size, dim)
@@ -889,28 +877,28 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(dim, model_dim, zero_init=True)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def bucket(self, ids: Tensor) -> Tensor:
+    def bucket(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
         h = (ids * 92821) ^ (prev * 689287)
         h = torch.remainder(h, self.size - 1)
         start = (torch.arange(ids.size(1), device=ids.device) == 0) | (ids == BOS_ID)
         return torch.where(start, self.size - 1, h)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids):
         return self.proj(self.embed(self.bucket(ids))) * self.scale
 
 
 class ValueEmbedding(nn.Module):
     """One token embedding shared by several layers and added to their attention values."""
 
-    def __init__(self, vocab_size: int, dim: int, kv_dim: int, n_layers: int):
+    def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.proj = CastedLinear(dim, kv_dim, zero_init=True)
         self.layer_scales = nn.Parameter(torch.ones(n_layers))
 
-    def forward(self, ids: Tensor, dtype) -> Tensor:
+    def forward(self, ids, dtype):
         return self.proj(self.embed(ids).to(dtype))
 
 
@@ -931,20 +919,19 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
-        # Depth recurrence: a Python int, so each value compiles its own graph. The trained (and evaluated)
-        # model loops; training switches it off until LOOP_START_FRAC (apply_schedules).
+        # Depth recurrence: a Python int, so each value compiles its own graph. Off until LOOP_START_FRAC.
         self.loop_range = loop_range(args)
         self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1
         self._init_weights(args)
 
-    def _init_weights(self, args) -> None:
+    def _init_weights(self, args):
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self):
         """Blocks in run order: with looping on, the loop range runs loop_passes times in a row."""
         order = list(range(len(self.blocks)))
         if self.loop_passes > 1:
@@ -952,7 +939,7 @@ class GPT(nn.Module):
             order = order[:b + 1] + list(range(a, b + 1)) * (self.loop_passes - 1) + order[b + 1:]
         return order
 
-    def logits(self, ids: Tensor, head_delta=None) -> Tensor:
+    def logits(self, ids, head_delta=None):
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -961,8 +948,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        # Skips and value embeddings follow the physical block: a repeated decoder block reads its mirror
-        # encoder block's latest output; a repeated encoder block overwrites it.
+        # Skips and value embeddings follow the physical block: a repeated block reads / overwrites the latest.
         for i in self.layer_order():
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
@@ -979,8 +965,8 @@ class GPT(nn.Module):
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
-    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Per-token cross-entropy in nats, shape (B, T); the logits when no targets are given."""
+    def forward(self, ids, targets=None):
+        """Per-token cross-entropy in nats (B, T); the logits without targets."""
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -989,19 +975,12 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# Every mode fills a ScoreSheet: the loss and entropy of the distribution scored for each target,
-# and how many times each target was scored. Modes (FINAL_EVAL names):
-#   roundtrip       windows of EVAL_SEQ_LEN tokens side by side (the plain evaluation);
-#   sliding_window  a window every EVAL_STRIDE tokens, each scoring the targets from where the
-#                   previous window stopped: every target once, with >= EVAL_SEQ_LEN - stride context;
-#   ttt             score-first chunked TTT: the sliding windows of a chunk are scored, then the
-#                   model trains on that chunk, so no target is scored by weights that saw it;
-#   lora            per-document LoRA TTT: each document in chunks, each chunk scored, then the
-#                   document's own fresh adapter trains on it; nothing crosses a document start;
-#   MODE+ngram      afterwards, in stream order, mix the network with online n-gram experts.
-# audit_eval_mode checks a mode on random documents before it may give a score: causality of the
-# whole distribution scored at each position, exactly-once scoring, normalization, the loss being
-# read from the distribution checked, and document isolation where the mode promises it.
+# Every mode fills a ScoreSheet: per target, the loss and entropy of the scored distribution and a hit
+# count. Modes (FINAL_EVAL names): roundtrip (windows of EVAL_SEQ_LEN side by side); sliding_window (a
+# window every EVAL_STRIDE tokens: every target once, with >= EVAL_SEQ_LEN - stride context); ttt and lora
+# (score-first test-time training: no target is scored by weights that saw it); MODE+ngram (afterwards,
+# online n-gram experts mixed in, in stream order). audit_eval_mode checks a mode on random documents
+# before it may give a score.
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
@@ -1016,9 +995,8 @@ class EvalError(RuntimeError):
 
 @dataclass
 class Evaluation:
-    """What every mode needs besides the tokens: the settings, the model (`model` may be the
-    compiled graph, used to score; `base_model` is the module that TTT adapts and LoRA hooks),
-    this rank's place among the ranks, and the log."""
+    """What every mode needs besides the tokens. `model` (maybe compiled) scores; `base_model` is the
+    module that TTT adapts and LoRA hooks."""
     args: object
     model: nn.Module
     base_model: nn.Module
@@ -1027,24 +1005,23 @@ class Evaluation:
     world_size: int = 1
     log: object = print
 
-    def share(self, n: int) -> slice:
+    def share(self, n):
         """This rank's contiguous part of n items."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
 
 @functools.lru_cache(maxsize=4)
-def audit_probes(vocab: int, device) -> Tensor:
-    """(vocab, AUDIT_PROBES) fixed random directions. Two distributions with the same projections
-    are the same distribution in practice; a permutation of one moves them too."""
+def audit_probes(vocab, device):
+    """(vocab, AUDIT_PROBES) fixed random directions: distributions with equal projections are equal in practice."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution and a hit count. An audit sheet
-    also keeps each scored distribution's fingerprint (its probabilities on AUDIT_PROBES), the loss
-    read back from that same distribution, and the worst normalization error."""
+    """Per target: the loss, the entropy of the scored distribution and a hit count. An audit sheet also
+    keeps each distribution's fingerprint (its probabilities on audit_probes), the loss read back from it
+    and the worst normalization error."""
 
-    def __init__(self, total: int, device, audit: bool = False):
+    def __init__(self, total, device, audit=False):
         self.nats = torch.zeros(total, device=device)
         self.ent = torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
@@ -1054,7 +1031,7 @@ class ScoreSheet:
         self.net_nats = None  # the network's own losses, once a mixture has replaced `nats`
 
     @torch.no_grad()
-    def record(self, pos: Tensor, logits: Tensor, y: Tensor) -> None:
+    def record(self, pos, logits, y):
         logp = F.log_softmax(logits.float(), dim=-1)
         nats = -logp.gather(1, y[:, None]).squeeze(1)
         self.nats.index_add_(0, pos, nats)
@@ -1066,10 +1043,10 @@ class ScoreSheet:
             self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
 
     @property
-    def network_nats(self) -> Tensor:
+    def network_nats(self):
         return self.nats if self.net_nats is None else self.net_nats
 
-    def reduce(self) -> "ScoreSheet":
+    def reduce(self):
         if dist.is_initialized():
             for t in (self.nats, self.ent, self.hits, self.fp, self.row_nats):
                 if t is not None:
@@ -1077,14 +1054,14 @@ class ScoreSheet:
             dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
         return self
 
-    def check_once(self) -> None:
+    def check_once(self):
         bad = (self.hits != 1).nonzero()
         if len(bad):
             p = int(bad[0])
             raise EvalError(f"{len(bad)} of {self.hits.numel()} targets not scored exactly once "
                             f"(target {p} scored {int(self.hits[p])} times)")
 
-    def result(self, tokens: Tensor, luts) -> tuple[float, float]:
+    def result(self, tokens, luts):
         """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
@@ -1099,20 +1076,18 @@ def autocast_ctx(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def window_plan(total, seq_len, stride):
     """For `total` targets: window starts and the first target index each window scores."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
     if starts[-1] + seq_len < total:
         starts = np.append(starts, total - seq_len)
-    score_from = np.concatenate(([0], starts[:-1] + seq_len))
-    return starts, score_from
+    return starts, np.concatenate(([0], starts[:-1] + seq_len))
 
 
 @torch.no_grad()
-def score_windows(ev: Evaluation, tokens: Tensor, starts: np.ndarray, score_from: np.ndarray, seq_len: int,
-                  sheet: ScoreSheet) -> None:
+def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
     """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
     offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
@@ -1128,30 +1103,31 @@ def score_windows(ev: Evaluation, tokens: Tensor, starts: np.ndarray, score_from
         sheet.record(pos[keep], logits[keep], win[:, 1:][keep])
 
 
-def eval_windows(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet, stride: int) -> None:
+def eval_windows(ev, tokens, sheet, stride):
     total = tokens.numel() - 1
     seq_len = min(ev.args.eval_seq_len, total)
     starts, score_from = window_plan(total, seq_len, stride)
     mine = ev.share(len(starts))
     score_windows(ev, tokens, starts[mine], score_from[mine], seq_len, sheet)
 
-class Budget:
-    """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would
-    not cover scoring the rest (projected from the scoring so far), so no target is ever skipped."""
 
-    def __init__(self, seconds: float):
+class Budget:
+    """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would not
+    cover scoring the rest (projected from the scoring so far), so no target is ever skipped."""
+
+    def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
 
-    def adapt_ok(self, frac_scored: float, step_s: float) -> bool:
+    def adapt_ok(self, frac_scored, step_s):
         if self.seconds <= 0:
             return True
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
         return time.perf_counter() - self.t0 + 1.2 * rest + step_s < self.seconds
 
 
-def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
-    """Score-first chunked TTT. A window belongs to the chunk of its first scored target, so by the
-    time the model trains on chunk c every target of chunk c (and no later one) has been scored."""
+def eval_ttt(ev, tokens, sheet):
+    """Score-first chunked TTT: a chunk's sliding windows are scored, then the model trains on the chunk.
+    A window belongs to the chunk of its first scored target."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1162,10 +1138,8 @@ def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-    if args.ttt_optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    else:
-        opt = torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0)
+    opt = (torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if args.ttt_optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0))
     budget, adapting, step_s, stopped_at = Budget(args.ttt_max_seconds), True, 0.0, None
     for c in range(n_chunks):
         t = time.perf_counter()
@@ -1214,9 +1188,9 @@ def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
         ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
                f"{stopped_at}/{n_chunks}, scoring went on")
 
-def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Documents as target ranges [start, end): a document's inputs start at its BOS, and its
-    last target is the next document's BOS."""
+
+def doc_spans(tokens):
+    """Documents as target ranges [start, end): inputs start at a BOS; the last target is the next BOS."""
     total = tokens.numel() - 1
     starts = np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
@@ -1225,10 +1199,10 @@ def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters, one set per document of a batch, on every attention's Q and V and on the
-    LM head. B starts at zero, so a fresh adapter leaves the base model unchanged."""
+    """Rank-r adapters, one set per document of a batch, on every attention's Q and V and on the LM head.
+    B starts at zero: a fresh adapter leaves the base model unchanged."""
 
-    def __init__(self, model, n_docs: int, rank: int, device):
+    def __init__(self, model, n_docs, rank, device):
         super().__init__()
         self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
         shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
@@ -1237,23 +1211,21 @@ class DocLoRA(nn.Module):
                                   for i, _ in shapes)
         self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
 
-    def delta(self, k: int, x: Tensor) -> Tensor:
+    def delta(self, k, x):
         return (x @ self.A[k].to(x.dtype)) @ self.B[k].to(x.dtype)
 
-    def attach(self) -> list:
+    def attach(self):
         return [m.register_forward_hook(lambda mod, inp, out, k=k: out + self.delta(k, inp[0]))
                 for k, m in enumerate(self.targets)]
 
-    def head(self, x: Tensor) -> Tensor:
+    def head(self, x):
         return self.delta(len(self.targets), x)
 
 
-def eval_lora(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
-    """Per-document score-first LoRA TTT. Documents are dealt to ranks longest first (balancing
-    the load) and batched with documents of similar length: lengths only schedule the work, no
-    score depends on them. Chunk i of every document in the batch is scored by adapters trained on
-    chunks < i only, then one Adam step trains on it. Runs the eager model: hooks change its
-    graph, so no graph compiled for the base model is reused."""
+def eval_lora(ev, tokens, sheet):
+    """Per-document score-first LoRA TTT: chunk i of each document is scored by adapters trained on its
+    chunks < i only, then one Adam step trains on it. Documents are dealt to ranks longest first and
+    batched by length: lengths only schedule the work. Runs the eager model: the hooks change its graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1308,17 +1280,14 @@ def eval_lora(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
 
 
 class NgramMixer:
-    """Online n-gram experts mixed with the network, run over the stream in order after the network
-    scored it. Order k (1..NGRAM_ORDER) counts, among the targets already scored, what followed the
-    same k-1 tokens (hashed into NGRAM_BUCKETS rows from order 3; a context never reaches back past
-    a BOS), smoothed towards order k-1 by NGRAM_PRIOR pseudo-counts (order 1 towards uniform): each
-    expert, and so the mixture, sums to 1 over the vocabulary. The mixture weights live per bin of
-    the network's entropy (how far to trust the network depends on its own confidence). They follow
-    the Hedge (multiplicative weights) update on the mixture's log loss in its linear form, which is
-    online EM: stable where the exponential form diverges on rare large gradients, and unlike Hedge
-    on each expert's own loss it does not collapse onto the best single expert (measured in
-    records/BENCHMARKS.md). Weights and counts are updated after each chunk of NGRAM_CHUNK targets;
-    inside a chunk a target's counts include the chunk's earlier targets: exactly online experts."""
+    """Online n-gram experts mixed with the network, over the stream in order. Order k (1..NGRAM_ORDER)
+    counts what followed the same k-1 tokens among the targets scored so far (hashed into NGRAM_BUCKETS
+    rows from order 3; a context never reaches back past a BOS), smoothed towards order k-1 by NGRAM_PRIOR
+    pseudo-counts (order 1 towards uniform): every expert, and so the mixture, sums to 1. The mixture
+    weights live per bin of the network's entropy and follow online EM (Hedge on the mixture's log loss in
+    its linear form): stable where the exponential form diverges, and unlike Hedge on each expert's own loss
+    it does not collapse onto one expert (records/BENCHMARKS.md). Updated after each NGRAM_CHUNK targets;
+    within a chunk a target's counts include the chunk's earlier targets: exactly online."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1330,8 +1299,8 @@ class NgramMixer:
         self.w = w0.to(device).expand(self.bins, -1).clone()  # (bins, 1 + order), network first
         self.norm_err = 0.0
 
-    def keys(self, x_ext: Tensor) -> list[Tensor]:
-        """Context row of every order for the positions of x_ext[order-2:] (x_ext: inputs, with the
+    def keys(self, x_ext):
+        """Context row of every order for the positions of x_ext[order-2:] (x_ext: the inputs after the
         order-2 tokens before them; V pads the stream start)."""
         back, V = self.order - 2, self.V
         n = len(x_ext) - max(back, 0)
@@ -1345,7 +1314,7 @@ class NgramMixer:
             keys.append(code if (V + 1) ** (j + 1) <= rows else torch.remainder(code * 2654435761, rows))
         return keys
 
-    def expert_probs(self, keys: list[Tensor], y: Tensor, cand: Tensor) -> Tensor:
+    def expert_probs(self, keys, y, cand):
         """(order, T, J): each order's probability of the candidate tokens cand (T, J)."""
         T = len(y)
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
@@ -1362,15 +1331,14 @@ class NgramMixer:
             out.append(p)
         return torch.stack(out)
 
-    def count(self, keys: list[Tensor], y: Tensor) -> None:
+    def count(self, keys, y):
         for k, key in enumerate(keys):
             self.counts[k].index_put_((key, y), torch.ones_like(y, dtype=torch.int32), accumulate=True)
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
-    def step(self, keys: list[Tensor], y: Tensor, net_nats: Tensor, ent: Tensor, audit=None) -> Tensor:
-        """Mixture loss of a chunk of targets, then the update. `audit` = the network's (fingerprint,
-        row loss) of these targets: then every expert's whole row is computed too, and the mixture's
-        normalization, fingerprint and the loss read back from its whole row are kept for the audit."""
+    def step(self, keys, y, net_nats, ent, audit=None):
+        """Mixture loss of a chunk of targets, then the update. With `audit` (the network's fingerprint and
+        row loss of these targets) the experts' whole rows are computed too, for the audit's checks."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1385,8 +1353,7 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        # Multiplicative weights in their linear form (online EM of the mixture weights): each target
-        # moves its bin's weights towards each expert's share of the mixture's probability of it.
+        # Online EM: each target moves its bin's weights towards each expert's share of the mixture's p(target).
         share_y = w * p_y / mix[:, None]
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
@@ -1394,11 +1361,10 @@ class NgramMixer:
         return -torch.log(mix)
 
 
-def ngram_mix(ev: Evaluation, sheet: ScoreSheet, tokens: Tensor) -> None:
-    """Replace the sheet's losses with the mixture's (the network's are kept as `net_nats`). Each
-    rank mixes one contiguous segment of the stream, its counts first filled from every target
-    before the segment; its mixture weights start afresh, so the score moves slightly with the
-    number of ranks."""
+def ngram_mix(ev, sheet, tokens):
+    """Replace the sheet's losses with the mixture's (the network's kept as `net_nats`). Each rank mixes
+    one contiguous segment, its counts first filled from every earlier target; its weights start afresh,
+    so the score moves slightly with the number of ranks."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1428,9 +1394,8 @@ def ngram_mix(ev: Evaluation, sheet: ScoreSheet, tokens: Tensor) -> None:
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
-def run_eval_mode(ev: Evaluation, mode: str, tokens: Tensor, audit: bool = False) -> ScoreSheet:
-    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were. An
-    audit sheet also keeps what audit_eval_mode checks."""
+def run_eval_mode(ev, mode, tokens, audit=False):
+    """Score `tokens` with one FINAL_EVAL mode, leaving the model's weights as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1447,10 +1412,9 @@ def run_eval_mode(ev: Evaluation, mode: str, tokens: Tensor, audit: bool = False
     return sheet
 
 
-def random_documents(min_tokens: int, min_docs: int, args, g: torch.Generator) -> Tensor:
-    """At least min_tokens + 1 tokens of BOS-led documents of random tokens, at least min_docs of
-    them. Lengths are log-uniform from 1 token to 3 windows: empty, short, chunk-sized and
-    multi-window documents all occur."""
+def random_documents(min_tokens, min_docs, args, g):
+    """At least min_tokens + 1 tokens in at least min_docs BOS-led documents of random tokens, of
+    log-uniform lengths from 1 token to 3 windows."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
@@ -1459,20 +1423,18 @@ def random_documents(min_tokens: int, min_docs: int, args, g: torch.Generator) -
     return tokens
 
 
-def gap(a: Tensor, b: Tensor) -> float:
+def gap(a, b):
     """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     return d if math.isfinite(d) else math.inf
 
 
-def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
-    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents: scored twice as
-    they are (the spread of nondeterministic kernels sets the tolerance); once with everything after
-    position t redrawn, document boundaries included (no loss before t, nor the distribution scored
-    at t, may move); and for a mode that promises document isolation, once rebatched and once with
-    a random half of the documents redrawn (no network loss in the other half may move), over
-    enough documents for two batches on every rank. Every loss must be -log of its checked distribution at the target,
-    every distribution must sum to 1, every target be scored once. Raises EvalError otherwise."""
+def audit_eval_mode(mode, run, args, log, world_size=1):
+    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents, scored: twice as they
+    are (the spread sets the tolerance); with everything after target t redrawn (nothing scored up to t
+    may move); for an isolated mode, rebatched and with half the documents redrawn (the others' network
+    losses may not move). Every loss must be -log of its checked distribution at the target, every
+    distribution sum to 1, every target be scored once. Raises EvalError otherwise."""
     with overridden(args, ttt_max_seconds=0.0):  # the time budget makes scores depend on the clock, not the tokens
         audit_runs(mode, run, args, log, world_size)
 
@@ -1490,11 +1452,12 @@ def overridden(args, **values):
             setattr(args, k, v)
 
 
-def audit_runs(mode: str, run, args, log, world_size: int) -> None:
+def audit_runs(mode, run, args, log, world_size):
     t0, net = time.perf_counter(), mode.partition("+")[0]
     g = torch.Generator().manual_seed(args.seed)
     isolated = net in ISOLATED_MODES
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
+    # An isolated mode gets enough documents for two batches on every rank.
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
     n = tokens.numel() - 1
     t = n // 2
@@ -1510,8 +1473,7 @@ def audit_runs(mode: str, run, args, log, world_size: int) -> None:
         with overridden(args, ttt_lora_batch=args.ttt_lora_batch // 2 or 2):
             rebatched = run(tokens)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Only tokens after t changed: the losses before t, and the whole distribution scored at t
-    # (it may not depend on its own target either), must not move.
+    # Neither the losses before t nor the whole distribution scored at t (not even its own target) may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
     norm = max(s.norm_err.item() for s in (a, again, b))
@@ -1564,7 +1526,7 @@ EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_h
 DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
 
 
-def quant_overrides(args) -> list[tuple[str, int]]:
+def quant_overrides(args):
     out = []
     for item in filter(None, (s.strip() for s in args.quant_overrides.split(","))):
         pattern, _, bits = item.rpartition(":")
@@ -1574,7 +1536,7 @@ def quant_overrides(args) -> list[tuple[str, int]]:
     return out
 
 
-def quant_bits_for(name: str, t: Tensor, args) -> int | None:
+def quant_bits_for(name, t, args):
     """Export bits of a tensor, or None to keep it as fp16 (2-D) / fp32 (control tensors)."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
@@ -1589,15 +1551,15 @@ def quant_bits_for(name: str, t: Tensor, args) -> int | None:
     return None if bits is None or bits >= 16 else bits
 
 
-def clip_ratios(args) -> tuple[float, ...]:
+def clip_ratios(args):
     return tuple(float(r) for r in args.quant_clip_ratios.split(","))
 
 
-def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+def round_to_grid(w, scale, qmax):
     return torch.clamp(torch.round(w / scale), -qmax, qmax)
 
 
-def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...], sigmas: float = 0.0) -> Tensor:
+def row_scales(w, bits, ratios, sigmas=0.0):
     """Per-row scale (fp16-representable, shape (rows, 1)): the clip ratio of the row's max |w|
     whose round-to-nearest error is lowest; with `sigmas` (SDClip) the clip is sigmas x std(row)."""
     qmax = 2 ** (bits - 1) - 1
@@ -1616,19 +1578,19 @@ def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...], sigmas: float = 
     return best_scale
 
 
-def quantize_per_row(w: Tensor, bits: int, ratios: tuple[float, ...] = (1.0,), sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
+def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
     """Round-to-nearest: w ~ q * scale[:, None], |q| <= 2^(bits-1) - 1."""
     w = w.float()
     scale = row_scales(w, bits, ratios, sigmas)
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
-def fake_quantize(w: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
+def fake_quantize(w, bits, ratios):
     q, scale = quantize_per_row(w, bits, ratios)
     return q.float() * scale.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: float, act_order: bool, sigmas: float = 0.0):
+def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
     """GPTQ: quantize columns in order, pushing each column's rounding error onto the columns not yet
     quantized through the inverse Hessian of the layer's inputs (H = E[x x^T])."""
     W = w.float().clone()
@@ -1663,7 +1625,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: flo
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -> dict[str, Tensor]:
+def collect_hessians(model, batches, args, device, world_size):
     """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
@@ -1690,7 +1652,7 @@ def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -
     return hessians
 
 
-def quantize_state_dict(state: dict[str, Tensor], args, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+def quantize_state_dict(state, args, hessians=None):
     out, ratios = {}, clip_ratios(args)
     for name, t in state.items():
         bits = quant_bits_for(name, t, args)
@@ -1706,7 +1668,7 @@ def quantize_state_dict(state: dict[str, Tensor], args, hessians: dict[str, Tens
     return out
 
 
-def prune_quantized(qstate: dict[str, dict], frac: float) -> dict[str, dict]:
+def prune_quantized(qstate, frac):
     """Zero the `frac` smallest-magnitude (|q| x row scale) entries of every quantized matrix:
     zeros compress well. Returns a new state; the input is untouched."""
     if frac <= 0:
@@ -1722,21 +1684,21 @@ def prune_quantized(qstate: dict[str, dict], frac: float) -> dict[str, dict]:
     return out
 
 
-def dequantize_state_dict(qstate: dict[str, dict]) -> dict[str, Tensor]:
+def dequantize_state_dict(qstate):
     return {name: (e["q"].float() * e["scale"].float()[:, None]) if e["bits"] else e["data"].float()
             for name, e in qstate.items()}
 
 
-def shuffle_bytes(raw: bytes, itemsize: int) -> bytes:
+def shuffle_bytes(raw, itemsize):
     """Byte planes (all first bytes, then all second bytes, ...): exponent bytes compress well together."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
 
 
-def unshuffle_bytes(raw: bytes, itemsize: int) -> bytes:
+def unshuffle_bytes(raw, itemsize):
     return np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes() if itemsize > 1 else raw
 
 
-def serialize_quantized(qstate: dict[str, dict]) -> bytes:
+def serialize_quantized(qstate):
     arrays = [(name, key, e[key]) for name, e in qstate.items() for key in (("q", "scale") if e["bits"] else ("data",))]
     arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8 weights, then fp16 scales, then the rest
     header, chunks, offset = {n: dict(bits=e["bits"], arrays={}) for n, e in qstate.items()}, [], 0
@@ -1750,7 +1712,7 @@ def serialize_quantized(qstate: dict[str, dict]) -> bytes:
     return BLOB_MAGIC + struct.pack("<I", len(head)) + head + b"".join(chunks)
 
 
-def deserialize_quantized(blob: bytes) -> dict[str, dict]:
+def deserialize_quantized(blob):
     """Parse and validate the layout: every field is checked before a byte is read, and every
     weight after, so a crafted header or a damaged payload is refused, never loaded."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
@@ -1766,7 +1728,7 @@ def deserialize_quantized(blob: bytes) -> dict[str, dict]:
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
 
 
-def parse_tensor_entry(name: str, entry: dict, payload: memoryview) -> dict:
+def parse_tensor_entry(name, entry, payload):
     bits = entry["bits"]
     if not (bits is None or (type(bits) is int and 2 <= bits <= 8)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
@@ -1810,7 +1772,7 @@ def _codecs():
     return codecs
 
 
-def compress_artifact(blob: bytes, compressor: str, level: int) -> bytes:
+def compress_artifact(blob, compressor, level):
     """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto`
     keeps the smallest of the available codecs. The CRC refuses every single-bit flip and every
     truncation, which decompressors alone do not (most flips would load as other weights)."""
@@ -1823,7 +1785,7 @@ def compress_artifact(blob: bytes, compressor: str, level: int) -> bytes:
     return ARTIFACT_MAGIC + body[:1] + struct.pack("<I", zlib.crc32(body)) + body[1:]
 
 
-def decompress_artifact(data: bytes) -> bytes:
+def decompress_artifact(data):
     if data[:4] == b"PGA2":
         raise DataError("artifact made by an older version of this script (no checksum): "
                         "re-export it with QUANT_ONLY=final_model.pt")
@@ -1843,7 +1805,7 @@ def decompress_artifact(data: bytes) -> bytes:
         raise DataError(f"artifact is truncated or corrupt ({name}: {exc})") from None
 
 
-def load_artifact(path, model: nn.Module) -> None:
+def load_artifact(path, model):
     """Read, validate, dequantize and load an artifact into `model` (shapes must match)."""
     state = dequantize_state_dict(deserialize_quantized(decompress_artifact(Path(path).read_bytes())))
     expected = model.state_dict()
@@ -1859,7 +1821,7 @@ class ArtifactOverCap(Exception):
 FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of the range of the least that fits
 
 
-def build_artifact(qstate: dict[str, dict], args, code_bytes: int, log) -> tuple[bytes, dict[str, dict]]:
+def build_artifact(qstate, args, code_bytes, log):
     """Compress at PRUNE_FRAC; if code + artifact exceeds ARTIFACT_CAP, prune the least extra fraction
     that fits (bisection on the compressed size). Returns the artifact and the state it holds."""
     def make(frac):
@@ -1889,7 +1851,7 @@ def build_artifact(qstate: dict[str, dict], args, code_bytes: int, log) -> tuple
 # TRAINING
 # -----------------------------------------------------------------------------
 
-def build_optimizers(model: GPT, args, fused: bool):
+def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
     matrices = [p for n, p in model.named_parameters()
                 if p.ndim == 2 and not any(n.startswith(e) for e in EMBED_NAMES) and not n.startswith("lm_head")
@@ -1909,7 +1871,7 @@ def build_optimizers(model: GPT, args, fused: bool):
     return optimizers + [muon], muon
 
 
-def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: int, device, seq_len: int = 0) -> Tensor:
+def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
     """Gradients of the mean loss over grad_accum_steps micro-batches (a DDP model syncs them on the
     last); returns the mean loss, on the device."""
     total = torch.zeros((), device=device)
@@ -1924,7 +1886,7 @@ def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: i
     return total
 
 
-def optimizer_step(base_model: nn.Module, optimizers, muon, args, step: int, scale: float) -> None:
+def optimizer_step(base_model, optimizers, muon, args, step, scale):
     frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
     for g in muon.param_groups:
         g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1938,7 +1900,7 @@ def optimizer_step(base_model: nn.Module, optimizers, muon, args, step: int, sca
         opt.zero_grad(set_to_none=True)
 
 
-def lr_scale(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+def lr_scale(args, step, elapsed_ms, cap_ms):
     """1 until the warmdown, then linear to 0 at ITERATIONS or, with a wallclock cap, at the cap
     (the warmdown length in time estimated from the mean step time so far)."""
     if args.warmdown_iters <= 0:
@@ -1949,23 +1911,23 @@ def lr_scale(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
     return max(args.min_lr, min(1.0, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)))
 
 
-def train_progress(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+def train_progress(args, step, elapsed_ms, cap_ms):
     return step / max(args.iterations, 1) if cap_ms is None else elapsed_ms / cap_ms
 
 
-def seq_len_schedule(args) -> list[tuple[int, float]]:
+def seq_len_schedule(args):
     """[(length, until progress), ...], TRAIN_SEQ_LEN last, until the end."""
     items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
     return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
 
 
-def graph_variants(args) -> list[tuple[int, int]]:
+def graph_variants(args):
     """Every (loop passes, training length) that training runs: each is one compiled graph, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
-def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len: int, log) -> int:
+def apply_schedules(model, muon, args, step, progress, seq_len, log):
     """Set the depth loop and Muon's weight decay for this step's progress; returns its training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
@@ -1982,7 +1944,7 @@ def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len:
     return new_len
 
 
-def ema_decay(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+def ema_decay(args, step, elapsed_ms, cap_ms):
     """EMA_DECAY, or with EMA_HALF_LIFE_FRAC the decay whose half-life is that fraction of the expected steps
     (ITERATIONS, or fewer if the mean step time so far runs out the wallclock cap first): a short run
     is never exported as a blend with its initialization."""
@@ -1995,13 +1957,13 @@ def ema_decay(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float
 class WeightAverager:
     """EMA in fp32 after every step; optional tight SWA of late (EMA) weights."""
 
-    def __init__(self, model: nn.Module, args):
+    def __init__(self, model, args):
         self.args, self.model = args, model
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
-    def update(self, step: int, scale: float, decay: float) -> None:
+    def update(self, step, scale, decay):
         state = self.model.state_dict()
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
@@ -2014,7 +1976,7 @@ class WeightAverager:
                     self.swa[k].add_(v)
             self.swa_count += 1
 
-    def final(self) -> tuple[str, dict[str, Tensor]]:
+    def final(self):
         if self.swa is not None:
             return f"swa({self.swa_count}{',ema' if self.ema is not None and self.args.swa_from_ema else ''})", \
                 {k: v / self.swa_count for k, v in self.swa.items()}
@@ -2028,13 +1990,13 @@ class Logger:
 
     path: str | None = None
 
-    def open(self, path: str | None) -> "Logger":
+    def open(self, path):
         self.path = path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         return self
 
-    def __call__(self, msg: str, console: bool = True) -> None:
+    def __call__(self, msg, console=True):
         if console and self.path:
             print(msg, flush=True)
         if self.path:
@@ -2049,7 +2011,7 @@ class HostCopy:
     """A small device tensor on its way to the host, copied behind the work queued so far: reading
     it a step later waits for that step only, never for the step in flight."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t):
         self.event = None
         if t.is_cuda:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -2059,7 +2021,7 @@ class HostCopy:
         else:
             self.host = t.clone()
 
-    def get(self) -> list:
+    def get(self):
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
@@ -2072,8 +2034,7 @@ class Trainer:
     continues exactly where the interrupted one stopped. SIGTERM / SIGINT stop every rank at the
     same step and save a checkpoint; so does any failure once training has begun."""
 
-    def __init__(self, args, base_model: nn.Module, model: nn.Module, qat_layers, device, rank: int,
-                 world_size: int, grad_accum_steps: int, log):
+    def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
         self.device, self.rank, self.world_size, self.grad_accum_steps, self.log = device, rank, world_size, grad_accum_steps, log
         self.local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
@@ -2085,17 +2046,17 @@ class Trainer:
         self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
         self.checkpoint_dir = Path("checkpoints") / args.run_id
 
-    def sync(self) -> None:
+    def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(self, step: int, scale: float, seq_len: int) -> Tensor:
+    def train_step(self, step, scale, seq_len):
         loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device,
                                 seq_len)
         optimizer_step(self.base_model, self.optimizers, self.muon, self.args, step, scale)
         return loss
 
-    def warmup(self) -> None:
+    def warmup(self):
         """Compile and prime every path, then restore the initial weights, optimizer state and data."""
         if self.args.warmup_steps <= 0:
             return
@@ -2112,13 +2073,13 @@ class Trainer:
         self.loader.stream.seek(0, 0)
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self):
         return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                     ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
                     data=(self.loader.stream.file_idx, self.loader.stream.pos), step=self.step, train_ms=self.train_ms,
                     qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
 
-    def save(self, why: str) -> None:
+    def save(self, why):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
         if self.rank == 0:
@@ -2126,7 +2087,7 @@ class Trainer:
         self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} (weights, optimizer state, data "
                  f"position, averager) and the averaged weights as final_model.pt; continue with RESUME={self.checkpoint_dir}")
 
-    def resume(self, path: str) -> None:
+    def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
         if not file.is_file():
             raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
@@ -2146,13 +2107,13 @@ class Trainer:
             refresh_qat(self.qat_layers, clip_ratios(self.args))
         self.log(f"resume: {path} step:{self.step} train_time:{self.train_ms:.0f}ms")
 
-    def on_signal(self, signum, frame) -> None:
+    def on_signal(self, signum, frame):
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
 
     # --- the loop --------------------------------------------------------------------------------
-    def run(self, evaluate) -> None:
+    def run(self, evaluate):
         """Train until ITERATIONS or the wallclock cap (or a signal), validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -2213,7 +2174,7 @@ class Trainer:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    def act_on(self, done_step: int, flags: list[float], step: int, stop_after_step):
+    def act_on(self, done_step, flags, step, stop_after_step):
         """A finished step's [loss sum, ranks at the cap, ranks signalled]: stop on a non-finite loss,
         stop after this step at the cap or on a signal."""
         loss, capped, signalled = flags
@@ -2226,11 +2187,11 @@ class Trainer:
         return step if (capped or signalled) and stop_after_step is None else stop_after_step
 
 
-def config_dict(args) -> dict:
+def config_dict(args):
     return {k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}
 
 
-def require_packages(args) -> None:
+def require_packages(args):
     for name in ("sentencepiece", "zstandard") + (("brotli",) if args.compressor == "brotli" else ()):
         try:
             __import__(name)
@@ -2254,8 +2215,7 @@ def load_tokenizer_tables(args, device, log):
     return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
 
 
-def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code: str, label: str, pre_quant_bpb: float,
-                     device, world_size: int, log) -> None:
+def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
     """Quantize (GPTQ calibration counts as training time: it reads training data), compress, fit
     the cap, write the artifact, load it back and score exactly what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
@@ -2291,7 +2251,7 @@ def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code:
     final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size)
 
 
-def main() -> None:
+def main():
     code = Path(__file__).read_text(encoding="utf-8")
     args = Hyperparameters()
     require_packages(args)
@@ -2367,7 +2327,7 @@ def main() -> None:
 
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
-    def evaluate(mode: str, tokens: Tensor | None = None, audit: bool = False):
+    def evaluate(mode, tokens=None, audit=False):
         """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
@@ -2413,7 +2373,7 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | None, world_size: int = 1) -> None:
+def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
     """Score the loaded (round-tripped) model with every FINAL_EVAL mode, each audited first on a
     random stream (a mode that fails gives no score). The greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
