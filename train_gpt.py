@@ -4,9 +4,8 @@ Parameter Golf trainer: one file, configured by environment variables.
   torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, the record setting
   SMOKE=1 python3 train_gpt.py                                # whole pipeline, tiny, on a CPU
 
-Trains a GPT (GQA, partial RoPE, XSA, SmearGate, BigramHash, value embeddings, U-Net skips) with
-Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads the artifact
-and scores it on the validation split in bits per byte (plain and sliding-window).
+Trains a GPT with Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads
+the artifact and scores it on the validation split in bits per byte.
 """
 from __future__ import annotations
 
@@ -175,7 +174,7 @@ class Hyperparameters:
     # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke matrices are all small: forced in,
     # the smoke run exercises GPTQ and late QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    quant_method = env("QUANT_METHOD", "gptq")  # gptq | rtn (round to nearest)
+    quant_method = env("QUANT_METHOD", "gptq")  # rtn: round to nearest
     quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
     gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
     gptq_damp = env("GPTQ_DAMP", 0.01)
@@ -184,12 +183,12 @@ class Hyperparameters:
     gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))  # taken from the training wallclock
     late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quantize once the LR scale is below; 0: off
     prune_frac = env("PRUNE_FRAC", 0.0)  # zero the smallest quantized weights before compression
-    compressor = env("COMPRESSOR", "zstd")  # zstd | lzma | brotli | auto (smallest)
+    compressor = env("COMPRESSOR", "zstd")
     zstd_level = env("ZSTD_LEVEL", 22)
     artifact_cap = env("ARTIFACT_CAP", 16_000_000)
     fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)  # fit-to-cap never prunes more than this
-    eval_only = env("EVAL_ONLY", "")  # path of an artifact: load it and evaluate, no training
-    quant_only = env("QUANT_ONLY", "")  # path of final_model.pt: re-quantize, export, evaluate
+    eval_only = env("EVAL_ONLY", "")  # an artifact: load it and evaluate, no training
+    quant_only = env("QUANT_ONLY", "")  # a final_model.pt: re-quantize, export, evaluate
     resume = env("RESUME", "")  # checkpoints/<RUN_ID> of an interrupted run: continue it exactly
 
     # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
@@ -199,7 +198,7 @@ class Hyperparameters:
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
-    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")  # sgd | adamw
+    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")
     ttt_lr = env("TTT_LR", 0.002)
     ttt_momentum = env("TTT_MOMENTUM", 0.9)
     ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)  # the first N blocks do not adapt
@@ -219,7 +218,7 @@ class Hyperparameters:
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
     # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
-    preset = env("PRESET", "seeds")  # naive_baseline | seeds | top
+    preset = env("PRESET", "seeds")
     loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row
     loop_repeats = env("LOOP_REPEATS", 2)
     loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop starts at this progress
@@ -238,7 +237,7 @@ class Hyperparameters:
 
     # Runtime.
     compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
-    attn_backend = env("ATTN_BACKEND", "auto")  # auto | fa3 | fa2 | sdpa | sdpa_{flash,cudnn,efficient,math}
+    attn_backend = env("ATTN_BACKEND", "auto")
 
     @property
     def train_files(self):
@@ -1112,8 +1111,8 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would not
-    cover scoring the rest (projected from the scoring so far), so no target is ever skipped."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops once the time left would not cover scoring the
+    rest, so no target is ever skipped."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1199,8 +1198,7 @@ def doc_spans(tokens):
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters, one set per document of a batch, on every attention's Q and V and on the LM head.
-    B starts at zero: a fresh adapter leaves the base model unchanged."""
+    """Rank-r adapters per document of a batch on every attention's Q and V and the LM head; B starts at 0."""
 
     def __init__(self, model, n_docs, rank, device):
         super().__init__()
@@ -1223,9 +1221,9 @@ class DocLoRA(nn.Module):
 
 
 def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT: chunk i of each document is scored by adapters trained on its
-    chunks < i only, then one Adam step trains on it. Documents are dealt to ranks longest first and
-    batched by length: lengths only schedule the work. Runs the eager model: the hooks change its graph."""
+    """Per-document score-first LoRA TTT: chunk i of a document is scored by adapters trained on its chunks
+    < i only, then one Adam step trains on it. Documents go to ranks longest first, batched by length.
+    Runs the eager model: the hooks change its graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1280,14 +1278,12 @@ def eval_lora(ev, tokens, sheet):
 
 
 class NgramMixer:
-    """Online n-gram experts mixed with the network, over the stream in order. Order k (1..NGRAM_ORDER)
-    counts what followed the same k-1 tokens among the targets scored so far (hashed into NGRAM_BUCKETS
-    rows from order 3; a context never reaches back past a BOS), smoothed towards order k-1 by NGRAM_PRIOR
-    pseudo-counts (order 1 towards uniform): every expert, and so the mixture, sums to 1. The mixture
-    weights live per bin of the network's entropy and follow online EM (Hedge on the mixture's log loss in
-    its linear form): stable where the exponential form diverges, and unlike Hedge on each expert's own loss
-    it does not collapse onto one expert (records/BENCHMARKS.md). Updated after each NGRAM_CHUNK targets;
-    within a chunk a target's counts include the chunk's earlier targets: exactly online."""
+    """Online n-gram experts mixed with the network, in stream order. Order k counts what followed the same
+    k-1 tokens (never across a BOS; hashed rows from order 3) among the targets scored so far, smoothed
+    towards order k-1 by NGRAM_PRIOR pseudo-counts: each expert sums to 1. The weights, per bin of network
+    entropy, follow online EM: stable where exponential Hedge diverges, and unlike Hedge on each expert's
+    loss it does not collapse onto one expert (records/BENCHMARKS.md). Counts include a chunk's earlier
+    targets: exactly online."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1337,8 +1333,8 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update. With `audit` (the network's fingerprint and
-        row loss of these targets) the experts' whole rows are computed too, for the audit's checks."""
+        """Mixture loss of a chunk of targets, then the update; with `audit` (the network's fingerprint and
+        row loss) whole rows too, for the audit."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1512,12 +1508,9 @@ def audit_runs(mode, run, args, log, world_size):
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Matrices: symmetric per-row intN (bits by tensor class, overridable by name pattern), rounded
-# either to nearest or by GPTQ (Hessian-aware error propagation, Hessians from training data),
-# each row's clip chosen by search. One quantizer serves late QAT and the export.
-# The artifact is a self-describing byte layout (JSON header + raw arrays, never a pickle),
-# arrays grouped by kind and 16/32-bit ones byte-shuffled, then compressed (zstd-22 default).
-# Loading validates every field before touching the bytes.
+# Matrices: symmetric per-row intN, rounded to nearest or by GPTQ (Hessians from training data), each
+# row's clip chosen by search; one quantizer serves late QAT and the export. The artifact: a JSON header
+# + raw arrays (never a pickle), grouped by kind, 16/32-bit ones byte-shuffled, then compressed.
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1560,8 +1553,8 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row scale (fp16-representable, shape (rows, 1)): the clip ratio of the row's max |w|
-    whose round-to-nearest error is lowest; with `sigmas` (SDClip) the clip is sigmas x std(row)."""
+    """Per-row fp16-representable scale (rows, 1): the clip ratio of max |w| with the least rounding error;
+    with `sigmas` (SDClip) the clip is sigmas x std(row)."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
@@ -1573,8 +1566,7 @@ def row_scales(w, bits, ratios, sigmas=0.0):
         if best_scale is None:
             best_scale, best_err = scale, err
         else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+            best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
     return best_scale
 
 
@@ -1591,8 +1583,8 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: quantize columns in order, pushing each column's rounding error onto the columns not yet
-    quantized through the inverse Hessian of the layer's inputs (H = E[x x^T])."""
+    """GPTQ: quantize columns in order, each one's rounding error pushed onto the later ones through the
+    inverse Hessian of the layer's inputs (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1669,8 +1661,7 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def prune_quantized(qstate, frac):
-    """Zero the `frac` smallest-magnitude (|q| x row scale) entries of every quantized matrix:
-    zeros compress well. Returns a new state; the input is untouched."""
+    """A new state with the `frac` smallest |q| x scale entries of every quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1713,8 +1704,7 @@ def serialize_quantized(qstate):
 
 
 def deserialize_quantized(blob):
-    """Parse and validate the layout: every field is checked before a byte is read, and every
-    weight after, so a crafted header or a damaged payload is refused, never loaded."""
+    """Parse and validate the layout: every field before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
@@ -1773,9 +1763,8 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto`
-    keeps the smallest of the available codecs. The CRC refuses every single-bit flip and every
-    truncation, which decompressors alone do not (most flips would load as other weights)."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto` keeps
+    the smallest. The CRC refuses every bit flip and truncation (decompressors alone would load most)."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1822,8 +1811,8 @@ FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of th
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """Compress at PRUNE_FRAC; if code + artifact exceeds ARTIFACT_CAP, prune the least extra fraction
-    that fits (bisection on the compressed size). Returns the artifact and the state it holds."""
+    """(artifact, the state it holds) at PRUNE_FRAC, or pruned further by the least fraction (bisection)
+    that fits code + artifact within ARTIFACT_CAP."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1872,8 +1861,7 @@ def build_optimizers(model, args, fused):
 
 
 def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
-    """Gradients of the mean loss over grad_accum_steps micro-batches (a DDP model syncs them on the
-    last); returns the mean loss, on the device."""
+    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss, on the device."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
@@ -1901,8 +1889,8 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1 until the warmdown, then linear to 0 at ITERATIONS or, with a wallclock cap, at the cap
-    (the warmdown length in time estimated from the mean step time so far)."""
+    """1 until the warmdown, then linear to 0 at ITERATIONS or at the wallclock cap (its length in time
+    estimated from the mean step time so far)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1945,9 +1933,8 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or with EMA_HALF_LIFE_FRAC the decay whose half-life is that fraction of the expected steps
-    (ITERATIONS, or fewer if the mean step time so far runs out the wallclock cap first): a short run
-    is never exported as a blend with its initialization."""
+    """EMA_DECAY, or the decay whose half-life is EMA_HALF_LIFE_FRAC of the expected steps (ITERATIONS, or
+    fewer at the wallclock cap): a short run is never exported as a blend with its initialization."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -2008,8 +1995,8 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small device tensor on its way to the host, copied behind the work queued so far: reading
-    it a step later waits for that step only, never for the step in flight."""
+    """A small device tensor copied to the host behind the queued work: read a step later, it never
+    waits for the step in flight."""
 
     def __init__(self, t):
         self.event = None
@@ -2028,11 +2015,9 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop and everything it changes: weights, optimizer state, the data position,
-    the averager, the step and the training time. A checkpoint holds all of it, one file per rank
-    (Muon keeps each matrix's momentum on the rank that orthogonalizes it), so a resumed run
-    continues exactly where the interrupted one stopped. SIGTERM / SIGINT stop every rank at the
-    same step and save a checkpoint; so does any failure once training has begun."""
+    """The training loop and all it changes (weights, optimizer state, data position, averager, step,
+    time). A checkpoint holds it all, one file per rank (Muon keeps momenta on the rank that uses them):
+    a resumed run continues exactly. SIGTERM / SIGINT stop every rank at the same step and save one."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -2114,7 +2099,7 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, evaluate):
-        """Train until ITERATIONS or the wallclock cap (or a signal), validating every VAL_LOSS_EVERY steps."""
+        """Train until ITERATIONS, the wallclock cap or a signal, validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
@@ -2175,8 +2160,7 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """A finished step's [loss sum, ranks at the cap, ranks signalled]: stop on a non-finite loss,
-        stop after this step at the cap or on a signal."""
+        """A finished step's [loss sum, ranks at the cap, ranks signalled]: the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
@@ -2200,7 +2184,7 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
-    """What counts val_bpb's bytes: the byte sidecars or the sentencepiece tables, after checking VOCAB_SIZE."""
+    """What counts val_bpb's bytes (validation_byte_source), after checking VOCAB_SIZE."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2211,13 +2195,11 @@ def load_tokenizer_tables(args, device, log):
                         "download it again or set TOKENIZER_PATH") from None
     if int(sp.vocab_size()) != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
-    # A CaseOps byte sidecar replaces the tables.
     return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
 
 
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    """Quantize (GPTQ calibration counts as training time: it reads training data), compress, fit
-    the cap, write the artifact, load it back and score exactly what was written."""
+    """Quantize, compress, fit the cap, write the artifact, load it back and score exactly what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t = time.perf_counter()
     hessians = None
@@ -2374,8 +2356,7 @@ def main():
 
 
 def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
-    """Score the loaded (round-tripped) model with every FINAL_EVAL mode, each audited first on a
-    random stream (a mode that fails gives no score). The greppable final lines."""
+    """Score the loaded model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
