@@ -104,13 +104,13 @@ class Hyperparameters:
     run_id = env("RUN_ID", str(uuid.uuid4()))
     seed = env("SEED", 1337)
 
-    # Schedule. The LR warmdown is wallclock-aware: it ends when MAX_WALLCLOCK_SECONDS runs out.
+    # Schedule. The LR warmdown ends when MAX_WALLCLOCK_SECONDS runs out.
     iterations = env("ITERATIONS", S(20000, 40))
     warmup_steps = env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
     warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
     max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
     train_batch_tokens = env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
-    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # micro-batches per step; 0: 8 // WORLD_SIZE, as officially
+    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
     train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
     eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
     eval_stride = env("EVAL_STRIDE", S(64, 32))
@@ -128,18 +128,18 @@ class Hyperparameters:
     tie_embeddings = env("TIE_EMBEDDINGS", True)
     tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
     rope_base = env("ROPE_BASE", 10000.0)
-    rope_dims = env("ROPE_DIMS", S(16, 8))  # rotated dims per head; the rest carry no position
+    rope_dims = env("ROPE_DIMS", S(16, 8))  # rotated dims per head
     logit_softcap = env("LOGIT_SOFTCAP", 30.0)
     qk_gain_init = env("QK_GAIN_INIT", 1.5)
     ln_scale = env("LN_SCALE", True)  # scale block inputs by 1/sqrt(layer+1)
-    xsa_last_n = env("XSA_LAST_N", 11)  # exclusive self-attention on the last N layers (>= layers: all)
-    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))  # 0 disables BigramHash
+    xsa_last_n = env("XSA_LAST_N", 11)  # XSA on the last N layers
+    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))  # 0: off
     bigram_dim = env("BIGRAM_DIM", S(128, 32))
     smear_enabled = env("SMEAR_ENABLED", True)
     unet_skips = env("UNET_SKIPS", True)
     ve_enabled = env("VE_ENABLED", True)
     ve_dim = env("VE_DIM", S(128, 32))
-    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices: the last two layers
+    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
     matrix_lr = env("MATRIX_LR", 0.025)
@@ -157,9 +157,9 @@ class Hyperparameters:
     beta1 = env("BETA1", 0.9)
     beta2 = env("BETA2", 0.95)
     adam_eps = env("ADAM_EPS", 1e-8)
-    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # 0 disables
+    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # 0: off
 
-    # Weight averaging: EMA every step; tight SWA collects late checkpoints (of the EMA by default).
+    # Weight averaging: EMA every step; SWA of late checkpoints (of the EMA by default).
     ema_enabled = env("EMA_ENABLED", True)
     ema_decay = env("EMA_DECAY", S(0.997, 0.9))
     swa_enabled = env("SWA_ENABLED", False)
@@ -167,12 +167,11 @@ class Hyperparameters:
     swa_start_scale = env("SWA_START_SCALE", 0.2)  # collect once the LR scale is below this
     swa_from_ema = env("SWA_FROM_EMA", True)
 
-    # Export (see QUANTIZATION AND THE ARTIFACT).
+    # Export.
     attn_bits = env("ATTN_BITS", 6)
     mlp_bits = env("MLP_BITS", 6)
-    embed_bits = env("EMBED_BITS", 8)  # 16 keeps embeddings in fp16
-    # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke matrices are all small: forced in,
-    # the smoke run exercises GPTQ and late QAT.
+    embed_bits = env("EMBED_BITS", 8)  # 16: fp16
+    # "REGEX:BITS,..." on tensor names, applied last. The smoke run forces its small matrices in, for GPTQ and QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     quant_method = env("QUANT_METHOD", "gptq")  # rtn: round to nearest
     quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
@@ -182,7 +181,7 @@ class Hyperparameters:
     gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))  # training micro-batches per rank
     gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))  # taken from the training wallclock
     late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quantize once the LR scale is below; 0: off
-    prune_frac = env("PRUNE_FRAC", 0.0)  # zero the smallest quantized weights before compression
+    prune_frac = env("PRUNE_FRAC", 0.0)  # zero the smallest quantized weights
     compressor = env("COMPRESSOR", "zstd")
     zstd_level = env("ZSTD_LEVEL", 22)
     artifact_cap = env("ARTIFACT_CAP", 16_000_000)
@@ -191,10 +190,9 @@ class Hyperparameters:
     quant_only = env("QUANT_ONLY", "")  # a final_model.pt: re-quantize, export, evaluate
     resume = env("RESUME", "")  # checkpoints/<RUN_ID> of an interrupted run: continue it exactly
 
-    # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
+    # Evaluation. The FINAL_EVAL modes run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves room in the 600 s evaluation for the other
-    # passes: an estimate from the seeds' 8xH100 timings, unmeasured here.
+    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the other passes room in 600 s (estimated).
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
@@ -309,7 +307,7 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
 
 
 def check_ranges(args):
-    """Every float finite; every setting above within its bounds or choices."""
+    """Every float finite; every setting in its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
            if isinstance(d, float) and not math.isfinite(value(n))]
@@ -426,8 +424,8 @@ def ns_coefficients(spec):
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """U V^T of G = U S V^T, approximately: quintic iterations push the singular values towards 1.
-    coeffs: one (a, b, c), or one per iteration (the last one repeats)."""
+    """U V^T of G = U S V^T, approximately, by quintic iterations; coeffs: one (a, b, c), or one per
+    iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -442,8 +440,8 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ... of each group; each round's results are summed
-    across ranks asynchronously, during the next round's Newton-Schulz."""
+    """Rank r orthogonalizes parameters r, r + world, ... of each group; a round's results are summed across
+    ranks during the next round's Newton-Schulz."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -534,8 +532,7 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of the text each target tokens[1:] stands for. `luts`: the tokenizer's tables, or a
-    byte sidecar (one count per token of `tokens`)."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar (per token)."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -555,7 +552,7 @@ VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
-    """Check a shard's header and size (no token is read); returns its token count."""
+    """Check a shard's header and size, reading no token; returns its token count."""
     path = str(path)
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
@@ -589,7 +586,7 @@ def shard_files(pattern, what):
 
 
 class TokenStream:
-    """Reads the shards in order, forever, handing out contiguous token spans."""
+    """The shards in order, forever, as contiguous token spans."""
 
     def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
@@ -615,7 +612,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step, every rank takes its own slice of one shared chunk (plus one token for targets)."""
+    """Each micro-step, every rank takes its slice of one shared chunk (plus one token for targets)."""
 
     def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
@@ -637,8 +634,8 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each validation token's original UTF-8 bytes, from the CaseOps byte sidecars beside the val shards
-    (fineweb_val_N.bin -> fineweb_valbytes_N.bin); None if there are none."""
+    """Each val token's original UTF-8 bytes, from the CaseOps byte sidecars (fineweb_val_N.bin ->
+    fineweb_valbytes_N.bin); None if there are none."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
@@ -661,8 +658,8 @@ def load_validation_bytes(pattern):
 
 
 def validation_byte_source(args, sp, luts, log):
-    """What counts val_bpb's bytes: the byte sidecars if any, else the tokenizer's tables; refused for a
-    CaseOps tokenizer, whose tables would count the transformed text, not the original bytes."""
+    """The byte sidecars if any, else the tokenizer's tables; refused for a CaseOps tokenizer, whose
+    tables would count the transformed text, not the original bytes."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -687,10 +684,9 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights, computed in the activation dtype; `zero_init` marks output projections.
-    Late QAT: the buffer `qat_delta` (a compiled graph reads its current value, unlike a Python flag)
-    holds fake_quantize(w) - w after each optimizer step, zero until QAT starts: a straight-through
-    estimator, forward sees quantized weights and gradients reach w unchanged."""
+    """fp32 master weights, computed in the activation dtype; `zero_init` marks output projections. Late
+    QAT: the buffer `qat_delta` (a compiled graph reads its value; it would freeze a Python flag) holds
+    fake_quantize(w) - w, so forward sees quantized weights and gradients reach w unchanged."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -703,7 +699,7 @@ class CastedLinear(nn.Linear):
 
 
 def prepare_qat(model, args):
-    """Give every linear layer that the export quantizes a zero QAT delta; returns those layers."""
+    """Give every linear layer the export quantizes a zero QAT delta; returns those layers."""
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
@@ -718,27 +714,24 @@ def refresh_qat(layers, ratios):
         m.qat_delta.copy_(fake_quantize(m.weight, m.qat_bits, ratios) - m.weight)
 
 
-ATTN_IMPL = {"name": "sdpa", "fn": None}
-
-
+ATTN_IMPL = {"fn": None}  # FlashAttention's function; None: SDPA
 SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if b.startswith("sdpa_"))
 
 
 def select_attention(requested, device):
     """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request must be met. sdpa_<kernel>
-    allows SDPA that one CUDA kernel only (set before compiling; on CPU plain sdpa)."""
+    allows SDPA that CUDA kernel only (set before compiling)."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
         if name.startswith("sdpa"):
-            ATTN_IMPL.update(name=name, fn=None)
+            ATTN_IMPL["fn"] = None
             kernel = name.partition("_")[2]
             for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
                 getattr(torch.backends.cuda, f"enable_{k}_sdp" if k != "efficient" else "enable_mem_efficient_sdp")(k == kernel)
             return name
         try:
-            module = __import__(candidates[name][0])
-            ATTN_IMPL.update(name=name, fn=getattr(module, candidates[name][1]))
+            ATTN_IMPL["fn"] = getattr(__import__(candidates[name][0]), candidates[name][1])
             return name
         except ImportError:
             if requested != "auto":
@@ -747,7 +740,7 @@ def select_attention(requested, device):
 
 
 def causal_attention(q, k, v):
-    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). GQA handled natively by every backend."""
+    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D); every backend handles GQA."""
     if ATTN_IMPL["fn"] is not None:
         out = ATTN_IMPL["fn"](q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -780,7 +773,7 @@ def apply_rotary(x, cos, sin, dims):
 
 
 def exclusive_self_attention(y, v):
-    """XSA: drop from each head's output (B,T,H,D) its component along the token's own value (B,T,Hkv,D)."""
+    """XSA: drop from each head's output its component along the token's own value vector."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -788,18 +781,18 @@ def exclusive_self_attention(y, v):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, num_kv_heads, rope_dims, rope_base,
-                 train_seq_len, qk_gain_init, xsa, gate_dims=0):
+    def __init__(self, args, xsa):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
-        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        dim, self.num_heads, self.num_kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        self.head_dim = dim // args.num_heads
+        kv_dim = args.num_kv_heads * self.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(dim, dim), CastedLinear(dim, kv_dim), CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary, self.rope_dims, self.xsa = Rotary(rope_dims, rope_base, train_seq_len), rope_dims, xsa
-        # Output gate per head, 2 sigmoid(W x[:gate_dims]): zero-initialized, so it starts as the identity.
-        self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
+        self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
+        self.rope_dims, self.xsa = args.rope_dims, xsa
+        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero-initialized, so it starts as the identity.
+        self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
         B, T, _ = x.shape
@@ -834,8 +827,7 @@ class Block(nn.Module):
     def __init__(self, args, layer_idx, xsa):
         super().__init__()
         dim = args.model_dim
-        self.attn = Attention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                              args.train_seq_len, args.qk_gain_init, xsa, args.attn_gate_dims)
+        self.attn = Attention(args, xsa)
         self.mlp = MLP(dim, args.mlp_mult, args.leaky_relu_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -852,7 +844,7 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one by a learned per-dim gate; a BOS (and position 0) keeps its own."""
+    """Blend each position with the previous one by a learned per-dim gate; a BOS keeps its own."""
 
     def __init__(self, dim):
         super().__init__()
@@ -866,7 +858,7 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token (BOS, position 0)."""
+    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token."""
 
     def __init__(self, size, dim, model_dim):
         super().__init__()
@@ -878,8 +870,7 @@ class BigramHash(nn.Module):
 
     def bucket(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
-        h = (ids * 92821) ^ (prev * 689287)
-        h = torch.remainder(h, self.size - 1)
+        h = torch.remainder((ids * 92821) ^ (prev * 689287), self.size - 1)
         start = (torch.arange(ids.size(1), device=ids.device) == 0) | (ids == BOS_ID)
         return torch.where(start, self.size - 1, h)
 
@@ -888,7 +879,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """One token embedding shared by several layers and added to their attention values."""
+    """One token embedding shared by several layers, added to their attention values."""
 
     def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
@@ -951,9 +942,7 @@ class GPT(nn.Module):
         for i in self.layer_order():
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
-            ve_i = None
-            if i in self.ve_layers:
-                ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype)
+            ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             x = self.blocks[i](x, x0, ve_i)
             if i < self.num_encoder:
                 skips[i] = x
@@ -989,13 +978,12 @@ AUDIT_MAX_NOISE = 1e-2  # nats: a mode whose repeated scores differ by more hide
 
 
 class EvalError(RuntimeError):
-    """An evaluation broke its contract (a target scored twice or never, a leak): no score."""
+    """A mode broke its contract (a target scored twice or never, a leak): no score."""
 
 
 @dataclass
 class Evaluation:
-    """What every mode needs besides the tokens. `model` (maybe compiled) scores; `base_model` is the
-    module that TTT adapts and LoRA hooks."""
+    """What a mode needs: `model` (maybe compiled) scores; `base_model` is what TTT adapts and LoRA hooks."""
     args: object
     model: nn.Module
     base_model: nn.Module
@@ -1011,14 +999,14 @@ class Evaluation:
 
 @functools.lru_cache(maxsize=4)
 def audit_probes(vocab, device):
-    """(vocab, AUDIT_PROBES) fixed random directions: distributions with equal projections are equal in practice."""
+    """(vocab, AUDIT_PROBES) fixed random directions: equal projections mean equal distributions."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution and a hit count. An audit sheet also
-    keeps each distribution's fingerprint (its probabilities on audit_probes), the loss read back from it
-    and the worst normalization error."""
+    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each
+    distribution's fingerprint (its projection on audit_probes), the loss read back from it, the worst
+    normalization error."""
 
     def __init__(self, total, device, audit=False):
         self.nats = torch.zeros(total, device=device)
@@ -1076,7 +1064,7 @@ def autocast_ctx(device):
 
 
 def window_plan(total, seq_len, stride):
-    """For `total` targets: window starts and the first target index each window scores."""
+    """Window starts for `total` targets, and the first target each window scores."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
@@ -1112,7 +1100,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 class Budget:
     """TTT_MAX_SECONDS, scoring included: adaptation stops once the time left would not cover scoring the
-    rest, so no target is ever skipped."""
+    rest, so no target is skipped."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1125,8 +1113,8 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk's sliding windows are scored, then the model trains on the chunk.
-    A window belongs to the chunk of its first scored target."""
+    """Score-first chunked TTT: a chunk's sliding windows are scored (a window belongs to the chunk of its
+    first scored target), then the model trains on the chunk."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1198,7 +1186,7 @@ def doc_spans(tokens):
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters per document of a batch on every attention's Q and V and the LM head; B starts at 0."""
+    """Rank-r adapters per document on every attention's Q and V and the LM head; B starts at 0."""
 
     def __init__(self, model, n_docs, rank, device):
         super().__init__()
@@ -1222,8 +1210,7 @@ class DocLoRA(nn.Module):
 
 def eval_lora(ev, tokens, sheet):
     """Per-document score-first LoRA TTT: chunk i of a document is scored by adapters trained on its chunks
-    < i only, then one Adam step trains on it. Documents go to ranks longest first, batched by length.
-    Runs the eager model: the hooks change its graph."""
+    < i, then trains them. Documents go to ranks longest first. Eager model: the hooks change its graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1296,8 +1283,7 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order for the positions of x_ext[order-2:] (x_ext: the inputs after the
-        order-2 tokens before them; V pads the stream start)."""
+        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens, V-padded)."""
         back, V = self.order - 2, self.V
         n = len(x_ext) - max(back, 0)
         idx = torch.arange(len(x_ext), device=x_ext.device)
@@ -1311,7 +1297,7 @@ class NgramMixer:
         return keys
 
     def expert_probs(self, keys, y, cand):
-        """(order, T, J): each order's probability of the candidate tokens cand (T, J)."""
+        """(order, T, J): each order's probability of the candidates cand (T, J)."""
         T = len(y)
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
         p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
@@ -1333,8 +1319,8 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; with `audit` (the network's fingerprint and
-        row loss) whole rows too, for the audit."""
+        """Mixture loss of a chunk of targets, then the update; with `audit` (the network's fingerprint and row
+        loss), whole rows too."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1358,9 +1344,8 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """Replace the sheet's losses with the mixture's (the network's kept as `net_nats`). Each rank mixes
-    one contiguous segment, its counts first filled from every earlier target; its weights start afresh,
-    so the score moves slightly with the number of ranks."""
+    """Replace the sheet's losses by the mixture's (keeping `net_nats`). Each rank mixes one segment, counts
+    first filled from every earlier target, weights afresh: the score moves slightly with the rank count."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1391,7 +1376,7 @@ def ngram_mix(ev, sheet, tokens):
 
 
 def run_eval_mode(ev, mode, tokens, audit=False):
-    """Score `tokens` with one FINAL_EVAL mode, leaving the model's weights as they were."""
+    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1409,8 +1394,8 @@ def run_eval_mode(ev, mode, tokens, audit=False):
 
 
 def random_documents(min_tokens, min_docs, args, g):
-    """At least min_tokens + 1 tokens in at least min_docs BOS-led documents of random tokens, of
-    log-uniform lengths from 1 token to 3 windows."""
+    """At least min_tokens + 1 tokens in >= min_docs BOS-led documents of random tokens, lengths
+    log-uniform from 1 token to 3 windows."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
@@ -1426,11 +1411,10 @@ def gap(a, b):
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents, scored: twice as they
-    are (the spread sets the tolerance); with everything after target t redrawn (nothing scored up to t
-    may move); for an isolated mode, rebatched and with half the documents redrawn (the others' network
-    losses may not move). Every loss must be -log of its checked distribution at the target, every
-    distribution sum to 1, every target be scored once. Raises EvalError otherwise."""
+    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents scored twice (the spread
+    sets the tolerance), with the tokens after t redrawn (nothing scored up to t may move), and for an
+    isolated mode rebatched and with half the documents redrawn (no other network loss may move).
+    Losses must match their checked distributions, which sum to 1; every target is scored once."""
     with overridden(args, ttt_max_seconds=0.0):  # the time budget makes scores depend on the clock, not the tokens
         audit_runs(mode, run, args, log, world_size)
 
@@ -1530,7 +1514,7 @@ def quant_overrides(args):
 
 
 def quant_bits_for(name, t, args):
-    """Export bits of a tensor, or None to keep it as fp16 (2-D) / fp32 (control tensors)."""
+    """Export bits of a tensor; None keeps it as fp16 (2-D) / fp32 (control tensors)."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = None
@@ -1553,8 +1537,8 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16-representable scale (rows, 1): the clip ratio of max |w| with the least rounding error;
-    with `sigmas` (SDClip) the clip is sigmas x std(row)."""
+    """Per-row fp16-representable scales (rows, 1): the clip ratio of max |w| with the least rounding
+    error; with `sigmas` (SDClip) a clip at sigmas x std(row)."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
@@ -1583,8 +1567,8 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: quantize columns in order, each one's rounding error pushed onto the later ones through the
-    inverse Hessian of the layer's inputs (H = E[x x^T])."""
+    """GPTQ: columns in order, each one's rounding error pushed onto the later ones through the inverse
+    Hessian of the layer's inputs (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1661,7 +1645,7 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def prune_quantized(qstate, frac):
-    """A new state with the `frac` smallest |q| x scale entries of every quantized matrix zeroed."""
+    """A new state with the `frac` smallest |q| x scale entries of each quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1681,7 +1665,7 @@ def dequantize_state_dict(qstate):
 
 
 def shuffle_bytes(raw, itemsize):
-    """Byte planes (all first bytes, then all second bytes, ...): exponent bytes compress well together."""
+    """Byte planes (all first bytes, then all second bytes...): exponent bytes compress well together."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
 
 
@@ -1763,8 +1747,8 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto` keeps
-    the smallest. The CRC refuses every bit flip and truncation (decompressors alone would load most)."""
+    """ARTIFACT_MAGIC, codec id, CRC-32 of (codec id + compressed blob), compressed blob; `auto` keeps the
+    smallest. The CRC refuses every bit flip and truncation, which decompressors alone would load."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1811,8 +1795,8 @@ FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of th
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, the state it holds) at PRUNE_FRAC, or pruned further by the least fraction (bisection)
-    that fits code + artifact within ARTIFACT_CAP."""
+    """(artifact, its state) at PRUNE_FRAC, or at the least extra pruning (bisection) that fits code +
+    artifact in ARTIFACT_CAP."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1889,8 +1873,8 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1 until the warmdown, then linear to 0 at ITERATIONS or at the wallclock cap (its length in time
-    estimated from the mean step time so far)."""
+    """1 until the warmdown, then linear to 0 at ITERATIONS or at the wallclock cap (its length in time from
+    the mean step time so far)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1904,19 +1888,19 @@ def train_progress(args, step, elapsed_ms, cap_ms):
 
 
 def seq_len_schedule(args):
-    """[(length, until progress), ...], TRAIN_SEQ_LEN last, until the end."""
+    """[(length, until progress), ...], ending with TRAIN_SEQ_LEN until the end."""
     items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
     return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
 
 
 def graph_variants(args):
-    """Every (loop passes, training length) that training runs: each is one compiled graph, primed in warm-up."""
+    """Every (loop passes, training length) training runs: one compiled graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
 def apply_schedules(model, muon, args, step, progress, seq_len, log):
-    """Set the depth loop and Muon's weight decay for this step's progress; returns its training length."""
+    """Set the depth loop and Muon's weight decay for this progress; returns the training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
         for g in muon.param_groups:
@@ -1933,8 +1917,8 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or the decay whose half-life is EMA_HALF_LIFE_FRAC of the expected steps (ITERATIONS, or
-    fewer at the wallclock cap): a short run is never exported as a blend with its initialization."""
+    """EMA_DECAY, or the decay whose half-life is EMA_HALF_LIFE_FRAC of the expected steps: a short run is
+    never exported as a blend with its initialization."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1942,7 +1926,7 @@ def ema_decay(args, step, elapsed_ms, cap_ms):
 
 
 class WeightAverager:
-    """EMA in fp32 after every step; optional tight SWA of late (EMA) weights."""
+    """EMA in fp32 after every step; optional SWA of late (EMA) weights."""
 
     def __init__(self, model, args):
         self.args, self.model = args, model
@@ -1995,8 +1979,7 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small device tensor copied to the host behind the queued work: read a step later, it never
-    waits for the step in flight."""
+    """A small device tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
         self.event = None
@@ -2015,9 +1998,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop and all it changes (weights, optimizer state, data position, averager, step,
-    time). A checkpoint holds it all, one file per rank (Muon keeps momenta on the rank that uses them):
-    a resumed run continues exactly. SIGTERM / SIGINT stop every rank at the same step and save one."""
+    """The training loop and all it changes, which a checkpoint holds, one file per rank (Muon keeps momenta
+    on the rank using them): a resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -2160,7 +2142,7 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """A finished step's [loss sum, ranks at the cap, ranks signalled]: the step to stop after."""
+        """A finished step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
@@ -2199,7 +2181,7 @@ def load_tokenizer_tables(args, device, log):
 
 
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    """Quantize, compress, fit the cap, write the artifact, load it back and score exactly what was written."""
+    """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t = time.perf_counter()
     hessians = None
