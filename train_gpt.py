@@ -383,7 +383,7 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
     try:
         ve_layer_indices(args)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # a ConfigError
         err.append(str(e))
     try:
         loop_range(args)
@@ -602,8 +602,7 @@ class TokenStream:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx], self.vocab_size), 0
+                self.seek((self.file_idx + 1) % len(self.files), 0)
                 continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
@@ -1878,9 +1877,10 @@ def lr_scale(args, step, elapsed_ms, cap_ms):
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
-        return max(args.min_lr, min(1.0, max(args.iterations - step, 0) / args.warmdown_iters))
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    return max(args.min_lr, min(1.0, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)))
+        left = max(args.iterations - step, 0) / args.warmdown_iters
+    else:
+        left = max(cap_ms - elapsed_ms, 0.0) / max(args.warmdown_iters * elapsed_ms / max(step, 1), 1e-9)
+    return max(args.min_lr, min(1.0, left))
 
 
 def train_progress(args, step, elapsed_ms, cap_ms):
@@ -1968,9 +1968,9 @@ class Logger:
         return self
 
     def __call__(self, msg, console=True):
-        if console and self.path:
-            print(msg, flush=True)
         if self.path:
+            if console:
+                print(msg, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 print(msg, file=f)
 
@@ -2184,9 +2184,8 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t = time.perf_counter()
-    hessians = None
-    if args.quant_method == "gptq":
-        hessians = collect_hessians(base_model, calib_batches, args, device, world_size)
+    gptq = args.quant_method == "gptq"
+    hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
     qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
     quant_s = time.perf_counter() - t
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
@@ -2230,13 +2229,14 @@ def main():
             print(w, file=sys.stderr)
     grad_accum_steps = args.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
     validate_config(args, world_size, grad_accum_steps)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
@@ -2253,7 +2253,7 @@ def main():
     log(code, console=False)
     log("=" * 100, console=False)
     log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} device:{device.type}", console=False)
-    if device.type == "cuda":
+    if cuda:
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
         log(f"gpus:{world_size}x {torch.cuda.get_device_name(device)}")
     log("config " + json.dumps(config_dict(args), sort_keys=True))
@@ -2272,13 +2272,13 @@ def main():
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    act_dtype = torch.bfloat16 if cuda else torch.float32
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
     torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if device.type == "cuda" and args.compile else base_model
-    model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if cuda and args.compile else base_model
+    model = DDP(compiled, device_ids=[local_rank] if cuda else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
     log(f"attention_backend:{backend} compile:{compiled is not base_model} act_dtype:{str(act_dtype).removeprefix('torch.')}")
