@@ -38,8 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
-# Every setting is an env var; the defaults are the strongest known 8xH100 stack.
-# SMOKE=1 swaps in a tiny model and a sample dataset built locally (see main()).
+# Every setting is an env var; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
 KNOWN_ENV: dict[str, object] = {}
@@ -95,7 +94,7 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-class Hyperparameters:
+class Hyperparameters:  # README "Configuration" and "The new settings" describe every setting
     smoke = SMOKE
     # Data and run.
     data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
@@ -124,16 +123,16 @@ class Hyperparameters:
     num_heads = env("NUM_HEADS", S(8, 4))
     num_kv_heads = env("NUM_KV_HEADS", S(4, 2))
     mlp_mult = env("MLP_MULT", 3.0)
-    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)  # MLP act = leaky_relu(x)^2; 0 gives relu^2
+    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)
     tie_embeddings = env("TIE_EMBEDDINGS", True)
     tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
     rope_base = env("ROPE_BASE", 10000.0)
-    rope_dims = env("ROPE_DIMS", S(16, 8))  # rotated dims per head
+    rope_dims = env("ROPE_DIMS", S(16, 8))
     logit_softcap = env("LOGIT_SOFTCAP", 30.0)
     qk_gain_init = env("QK_GAIN_INIT", 1.5)
-    ln_scale = env("LN_SCALE", True)  # scale block inputs by 1/sqrt(layer+1)
-    xsa_last_n = env("XSA_LAST_N", 11)  # XSA on the last N layers
-    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))  # 0: off
+    ln_scale = env("LN_SCALE", True)
+    xsa_last_n = env("XSA_LAST_N", 11)
+    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))
     bigram_dim = env("BIGRAM_DIM", S(128, 32))
     smear_enabled = env("SMEAR_ENABLED", True)
     unet_skips = env("UNET_SKIPS", True)
@@ -145,8 +144,8 @@ class Hyperparameters:
     matrix_lr = env("MATRIX_LR", 0.025)
     scalar_lr = env("SCALAR_LR", 0.025)
     tied_embed_lr = env("TIED_EMBED_LR", 0.035)
-    embed_lr = env("EMBED_LR", 0.6)  # untied input embedding
-    head_lr = env("HEAD_LR", 0.008)  # untied output head
+    embed_lr = env("EMBED_LR", 0.6)
+    head_lr = env("HEAD_LR", 0.008)
     muon_momentum = env("MUON_MOMENTUM", 0.99)
     muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
     muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
@@ -157,7 +156,7 @@ class Hyperparameters:
     beta1 = env("BETA1", 0.9)
     beta2 = env("BETA2", 0.95)
     adam_eps = env("ADAM_EPS", 1e-8)
-    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # 0: off
+    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
 
     # Weight averaging: EMA every step; SWA of late checkpoints (of the EMA by default).
     ema_enabled = env("EMA_ENABLED", True)
@@ -173,22 +172,22 @@ class Hyperparameters:
     embed_bits = env("EMBED_BITS", 8)  # 16: fp16
     # "REGEX:BITS,..." on tensor names, applied last. The smoke run forces its small matrices in, for GPTQ and QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    quant_method = env("QUANT_METHOD", "gptq")  # rtn: round to nearest
-    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
+    quant_method = env("QUANT_METHOD", "gptq")
+    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
     gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
     gptq_damp = env("GPTQ_DAMP", 0.01)
     gptq_act_order = env("GPTQ_ACT_ORDER", True)
-    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))  # training micro-batches per rank
-    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))  # taken from the training wallclock
-    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quantize once the LR scale is below; 0: off
-    prune_frac = env("PRUNE_FRAC", 0.0)  # zero the smallest quantized weights
+    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))
+    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
+    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)
+    prune_frac = env("PRUNE_FRAC", 0.0)
     compressor = env("COMPRESSOR", "zstd")
     zstd_level = env("ZSTD_LEVEL", 22)
     artifact_cap = env("ARTIFACT_CAP", 16_000_000)
-    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)  # fit-to-cap never prunes more than this
-    eval_only = env("EVAL_ONLY", "")  # an artifact: load it and evaluate, no training
-    quant_only = env("QUANT_ONLY", "")  # a final_model.pt: re-quantize, export, evaluate
-    resume = env("RESUME", "")  # checkpoints/<RUN_ID> of an interrupted run: continue it exactly
+    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)
+    eval_only = env("EVAL_ONLY", "")
+    quant_only = env("QUANT_ONLY", "")
+    resume = env("RESUME", "")
 
     # Evaluation. The FINAL_EVAL modes run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
@@ -199,42 +198,42 @@ class Hyperparameters:
     ttt_optimizer = env("TTT_OPTIMIZER", "sgd")
     ttt_lr = env("TTT_LR", 0.002)
     ttt_momentum = env("TTT_MOMENTUM", 0.9)
-    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)  # the first N blocks do not adapt
-    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))  # sequences per step, all ranks together
+    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
+    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))
     ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
     ttt_lora_rank = env("TTT_LORA_RANK", 8)
     ttt_lora_lr = env("TTT_LORA_LR", 0.01)
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
     ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
-    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))  # documents adapted side by side
+    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))
     ngram_order = env("NGRAM_ORDER", 4)
     ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
-    ngram_prior = env("NGRAM_PRIOR", 3.0)  # pseudo-counts of order k-1 in order k
-    ngram_eta = env("NGRAM_ETA", 0.01)  # step of the mixture weights per target
-    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)  # the n-gram experts' share before any update
+    ngram_prior = env("NGRAM_PRIOR", 3.0)
+    ngram_eta = env("NGRAM_ETA", 0.01)
+    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)
     ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
     # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
     preset = env("PRESET", "seeds")
-    loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row
+    loop_layers = env("LOOP_LAYERS", "")
     loop_repeats = env("LOOP_REPEATS", 2)
-    loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop starts at this progress
-    parallel_from = env("PARALLEL_FROM", 0)  # from this block on, attention and MLP read one input; 0: off
-    attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # per-head output gate from the first N channels; 0: off
-    muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R
+    loop_start_frac = env("LOOP_START_FRAC", 0.0)
+    parallel_from = env("PARALLEL_FROM", 0)
+    attn_gate_dims = env("ATTN_GATE_DIMS", 0)
+    muon_row_norm = env("MUON_ROW_NORM", False)
     normuon = env("NORMUON", False)
     normuon_beta2 = env("NORMUON_BETA2", 0.95)
-    min_lr = env("MIN_LR", 0.0)  # floor of the LR scale
-    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)  # from this progress, Muon WD goes linearly to...
-    muon_wd_final = env("MUON_WD_FINAL", 0.0)  # ...this at the end; start 1: off
-    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
-    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
-    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
-    embed_gptq = env("EMBED_GPTQ", False)  # GPTQ the tied embedding as the output head (QUANT_METHOD=gptq)
+    min_lr = env("MIN_LR", 0.0)
+    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)
+    muon_wd_final = env("MUON_WD_FINAL", 0.0)
+    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)
+    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")
+    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)
+    embed_gptq = env("EMBED_GPTQ", False)
 
     # Runtime.
-    compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
+    compile = env("COMPILE", True)
     attn_backend = env("ATTN_BACKEND", "auto")
 
     @property
@@ -406,8 +405,7 @@ def validate_config(args, world_size, grad_accum_steps):
 
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
-# Momentum, then orthogonalize each matrix update with a Newton-Schulz iteration.
-# Each rank orthogonalizes its share of the matrices; one all-reduce shares the results.
+# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations, shared out across ranks.
 # -----------------------------------------------------------------------------
 
 # Polar Express (Amsel et al. 2025): a quintic per iteration, each optimal for the spectrum left by the last.
@@ -424,8 +422,7 @@ def ns_coefficients(spec):
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """U V^T of G = U S V^T, approximately, by quintic iterations; coeffs: one (a, b, c), or one per
-    iteration (the last repeats)."""
+    """U V^T of G = U S V^T, approximately; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -440,8 +437,7 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ... of each group; a round's results are summed across
-    ranks during the next round's Newton-Schulz."""
+    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round's work."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -522,8 +518,7 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(is_boundary, device=device))
 
 
-# CaseOps case controls (data/caseops.py CONTROLS): a tokenizer with these pieces writes case-factored
-# text, whose tables count control and lowercase bytes: only its byte sidecar counts the original bytes.
+# CaseOps controls (data/caseops.py): such a tokenizer's tables count transformed text; its sidecars the original.
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -554,8 +549,7 @@ VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable
 def shard_token_count(path, magic=SHARD_MAGIC):
     """Check a shard's header and size, reading no token; returns its token count."""
     path = str(path)
-    size = os.path.getsize(path)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
         raise DataError(f"{path}: not a {'shard' if magic == SHARD_MAGIC else 'byte sidecar'} "
                         f"(magic {header[0] if header.size else None}, expected {magic})")
@@ -633,8 +627,7 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original UTF-8 bytes, from the CaseOps byte sidecars (fineweb_val_N.bin ->
-    fineweb_valbytes_N.bin); None if there are none."""
+    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin); None if there are none."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
@@ -657,8 +650,7 @@ def load_validation_bytes(pattern):
 
 
 def validation_byte_source(args, sp, luts, log):
-    """The byte sidecars if any, else the tokenizer's tables; refused for a CaseOps tokenizer, whose
-    tables would count the transformed text, not the original bytes."""
+    """The byte sidecars, else the tables: refused for CaseOps, whose tables count the transformed text."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -718,8 +710,7 @@ SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if
 
 
 def select_attention(requested, device):
-    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request must be met. sdpa_<kernel>
-    allows SDPA that CUDA kernel only (set before compiling)."""
+    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request (sdpa_<kernel>: that kernel) must be met."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
@@ -962,12 +953,10 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# Every mode fills a ScoreSheet: per target, the loss and entropy of the scored distribution and a hit
-# count. Modes (FINAL_EVAL names): roundtrip (windows of EVAL_SEQ_LEN side by side); sliding_window (a
-# window every EVAL_STRIDE tokens: every target once, with >= EVAL_SEQ_LEN - stride context); ttt and lora
-# (score-first test-time training: no target is scored by weights that saw it); MODE+ngram (afterwards,
-# online n-gram experts mixed in, in stream order). audit_eval_mode checks a mode on random documents
-# before it may give a score.
+# Every mode fills a ScoreSheet. Modes (FINAL_EVAL): roundtrip (windows of EVAL_SEQ_LEN side by side);
+# sliding_window (a window every EVAL_STRIDE tokens: every target once, >= EVAL_SEQ_LEN - stride context);
+# ttt and lora (score-first test-time training: no target is scored by weights that saw it); MODE+ngram
+# (then online n-gram experts). audit_eval_mode checks a mode on random documents before it may score.
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
@@ -1003,13 +992,11 @@ def audit_probes(vocab, device):
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each
-    distribution's fingerprint (its projection on audit_probes), the loss read back from it, the worst
-    normalization error."""
+    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each distribution's
+    fingerprint (on audit_probes), the loss read back from it and the worst normalization error."""
 
     def __init__(self, total, device, audit=False):
-        self.nats = torch.zeros(total, device=device)
-        self.ent = torch.zeros(total, device=device)
+        self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
@@ -1098,8 +1085,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS, scoring included: adaptation stops once the time left would not cover scoring the
-    rest, so no target is skipped."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left still covers scoring the rest."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1112,14 +1098,12 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk's sliding windows are scored (a window belongs to the chunk of its
-    first scored target), then the model trains on the chunk."""
+    """Score-first chunked TTT: a chunk's windows (by first scored target) are scored, then the model trains on it."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
     starts, score_from = window_plan(total, seq_len, args.eval_stride)
-    n_chunks = -(-total // C)
-    chunk_of = score_from // C
+    n_chunks, chunk_of = -(-total // C), score_from // C
     frozen = {id(p) for blk in model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
@@ -1208,8 +1192,7 @@ class DocLoRA(nn.Module):
 
 
 def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT: chunk i of a document is scored by adapters trained on its chunks
-    < i, then trains them. Documents go to ranks longest first. Eager model: the hooks change its graph."""
+    """Per-document score-first LoRA TTT: each chunk scored, then trained on. Eager: the hooks change the graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1265,11 +1248,9 @@ def eval_lora(ev, tokens, sheet):
 
 class NgramMixer:
     """Online n-gram experts mixed with the network, in stream order. Order k counts what followed the same
-    k-1 tokens (never across a BOS; hashed rows from order 3) among the targets scored so far, smoothed
-    towards order k-1 by NGRAM_PRIOR pseudo-counts: each expert sums to 1. The weights, per bin of network
-    entropy, follow online EM: stable where exponential Hedge diverges, and unlike Hedge on each expert's
-    loss it does not collapse onto one expert (records/BENCHMARKS.md). Counts include a chunk's earlier
-    targets: exactly online."""
+    k-1 tokens (never across a BOS; hashed from order 3) among the targets scored so far, smoothed towards order
+    k-1 by NGRAM_PRIOR pseudo-counts. Weights per bin of network entropy follow online EM: stable where Hedge
+    diverges, and unlike Hedge on each expert's loss no collapse onto one expert (records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1284,8 +1265,7 @@ class NgramMixer:
     def keys(self, x_ext):
         """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens, V-padded)."""
         back, V = self.order - 2, self.V
-        n = len(x_ext) - max(back, 0)
-        idx = torch.arange(len(x_ext), device=x_ext.device)
+        n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
         keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
         for j in range(self.order - 1):  # context token x[t - j], a pad once a BOS lies after it
@@ -1318,8 +1298,7 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; with `audit` (the network's fingerprint and row
-        loss), whole rows too."""
+        """Mixture loss of a chunk of targets, then the update; whole rows too with `audit` (network fp, row loss)."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1343,8 +1322,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """Replace the sheet's losses by the mixture's (keeping `net_nats`). Each rank mixes one segment, counts
-    first filled from every earlier target, weights afresh: the score moves slightly with the rank count."""
+    """The mixture's losses replace the sheet's (`net_nats` kept); each rank's weights start afresh on its segment."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1393,29 +1371,13 @@ def run_eval_mode(ev, mode, tokens, audit=False):
 
 
 def random_documents(min_tokens, min_docs, args, g):
-    """At least min_tokens + 1 tokens in >= min_docs BOS-led documents of random tokens, lengths
-    log-uniform from 1 token to 3 windows."""
+    """At least min_tokens + 1 tokens of >= min_docs random BOS-led documents, 1 token to 3 windows long."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
     tokens = torch.randint(2, args.vocab_size, (sum(lens),), generator=g)
     tokens[np.cumsum([0] + lens[:-1])] = BOS_ID
     return tokens
-
-
-def gap(a, b):
-    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
-    d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-    return d if math.isfinite(d) else math.inf
-
-
-def audit_eval_mode(mode, run, args, log, world_size=1):
-    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents scored twice (the spread
-    sets the tolerance), with the tokens after t redrawn (nothing scored up to t may move), and for an
-    isolated mode rebatched and with half the documents redrawn (no other network loss may move).
-    Losses must match their checked distributions, which sum to 1; every target is scored once."""
-    with overridden(args, ttt_max_seconds=0.0):  # the time budget makes scores depend on the clock, not the tokens
-        audit_runs(mode, run, args, log, world_size)
 
 
 @contextmanager
@@ -1431,7 +1393,21 @@ def overridden(args, **values):
             setattr(args, k, v)
 
 
-def audit_runs(mode, run, args, log, world_size):
+def gap(a, b):
+    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
+    d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return d if math.isfinite(d) else math.inf
+
+
+def audit_eval_mode(mode, run, args, log, world_size=1):
+    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents scored twice (the spread
+    sets the tolerance), with the tokens after t redrawn (nothing scored up to t may move), and for an
+    isolated mode rebatched and with half the documents redrawn (no other network loss may move).
+    Losses must match their checked distributions, which sum to 1; every target is scored once."""
+    def scored(tokens, **settings):  # no time budget: it makes scores depend on the clock, not the tokens
+        with overridden(args, ttt_max_seconds=0.0, **settings):
+            return run(tokens)
+
     t0, net = time.perf_counter(), mode.partition("+")[0]
     g = torch.Generator().manual_seed(args.seed)
     isolated = net in ISOLATED_MODES
@@ -1441,22 +1417,18 @@ def audit_runs(mode, run, args, log, world_size):
     n = tokens.numel() - 1
     t = n // 2
     future = torch.cat((tokens[:t + 1], random_documents(n, 0, args, g)[t + 1:n + 1]))
-    a, again, b = run(tokens), run(tokens), run(future)
+    a, again, b = scored(tokens), scored(tokens), scored(future)
     for s in (a, again, b):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
-    tol = 4 * noise + 1e-6
-    batch_noise = 0.0
-    if isolated:  # its batches follow document lengths, which the redraw after t changes: the
-        # numerical spread of batching the same documents otherwise sets that check's tolerance
-        with overridden(args, ttt_lora_batch=args.ttt_lora_batch // 2 or 2):
-            rebatched = run(tokens)
+    tol, batch_noise = 4 * noise + 1e-6, 0.0
+    if isolated:  # batches follow document lengths, which the redraw changes: rebatching noise sets the tolerance
+        rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
     # Neither the losses before t nor the whole distribution scored at t (not even its own target) may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
-    norm = max(s.norm_err.item() for s in (a, again, b))
-    problems = []
+    norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
     if not all(torch.isfinite(s.nats).all() and torch.isfinite(s.fp).all() for s in (a, again, b)):
         problems.append("a loss or a scored distribution is not finite")
     if not noise <= AUDIT_MAX_NOISE:
@@ -1475,7 +1447,7 @@ def audit_runs(mode, run, args, log, world_size):
         doc_of = torch.cumsum(tokens == BOS_ID, 0) - 1  # tokens[0] is a BOS
         redrawn = torch.rand(len(starts), generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
-        c = run(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
+        c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
         kept = ~redrawn[doc_of[:-1]]  # targets whose document was left as it was
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
@@ -1536,10 +1508,8 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16-representable scales (rows, 1): the clip ratio of max |w| with the least rounding
-    error; with `sigmas` (SDClip) a clip at sigmas x std(row)."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least rounding error."""
+    qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
     best_scale, best_err = None, None
@@ -1566,8 +1536,7 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: columns in order, each one's rounding error pushed onto the later ones through the inverse
-    Hessian of the layer's inputs (H = E[x x^T])."""
+    """GPTQ: each column's rounding error goes onto later columns through the inverse Hessian (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1584,8 +1553,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
             break
     else:
         return None
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    Q = torch.zeros_like(W)
+    Hinv, Q = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hb, E = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
@@ -1794,8 +1762,7 @@ FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of th
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, its state) at PRUNE_FRAC, or at the least extra pruning (bisection) that fits code +
-    artifact in ARTIFACT_CAP."""
+    """(artifact, its state) at PRUNE_FRAC, or at the least pruning (bisection) that fits code + artifact in the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1872,8 +1839,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1 until the warmdown, then linear to 0 at ITERATIONS or at the wallclock cap (its length in time from
-    the mean step time so far)."""
+    """1, then in the warmdown linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -2191,8 +2157,7 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
         + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
-    code_bytes = len(code.encode("utf-8"))
-    artifact = f"final_model.{label.split('_')[0]}.ptz"
+    code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)
     except ArtifactOverCap as exc:
@@ -2215,15 +2180,13 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
 
 
 def main():
-    code = Path(__file__).read_text(encoding="utf-8")
-    args = Hyperparameters()
+    code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
     # Distributed + device setup; the configuration is checked before anything is read or built.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    warnings = misspelt_env_warnings()
+    local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
     if rank == 0:
         for w in warnings:
             print(w, file=sys.stderr)
@@ -2233,8 +2196,7 @@ def main():
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
