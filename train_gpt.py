@@ -499,8 +499,7 @@ class Muon(torch.optim.Optimizer):
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     table = max(int(sp.vocab_size()), vocab_size)
-    base_bytes = np.zeros(table, dtype=np.int16)
-    has_leading_space = np.zeros(table, dtype=np.bool_)
+    base_bytes, has_leading_space = np.zeros(table, dtype=np.int16), np.zeros(table, dtype=np.bool_)
     is_boundary = np.ones(table, dtype=np.bool_)
     for t in range(int(sp.vocab_size())):
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
@@ -675,9 +674,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights, computed in the activation dtype; `zero_init` marks output projections. Late
-    QAT: the buffer `qat_delta` (a compiled graph reads its value; it would freeze a Python flag) holds
-    fake_quantize(w) - w, so forward sees quantized weights and gradients reach w unchanged."""
+    """fp32 master weights, computed in the activation dtype. Late QAT: the buffer `qat_delta` (compiled graphs
+    read a buffer's current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -891,17 +889,14 @@ class GPT(nn.Module):
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(dim) if args.smear_enabled else None
         self.blocks = nn.ModuleList(Block(args, i, xsa=i >= L - args.xsa_last_n) for i in range(L))
-        self.ve_layers = ve_layer_indices(args)
-        kv_dim = args.num_kv_heads * (dim // args.num_heads)
+        self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        # U-Net: the first half's outputs feed, in reverse order, the second half's inputs.
-        self.num_encoder = L // 2 if args.unet_skips else 0
+        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
-        # Depth recurrence: a Python int, so each value compiles its own graph. Off until LOOP_START_FRAC.
         self.loop_range = loop_range(args)
-        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
         self._init_weights(args)
 
     def _init_weights(self, args):
@@ -928,8 +923,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        # Skips and value embeddings follow the physical block: a repeated block reads / overwrites the latest.
-        for i in self.layer_order():
+        for i in self.layer_order():  # skips and value embeddings follow the physical block
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
             ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
@@ -953,10 +947,7 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# Every mode fills a ScoreSheet. Modes (FINAL_EVAL): roundtrip (windows of EVAL_SEQ_LEN side by side);
-# sliding_window (a window every EVAL_STRIDE tokens: every target once, >= EVAL_SEQ_LEN - stride context);
-# ttt and lora (score-first test-time training: no target is scored by weights that saw it); MODE+ngram
-# (then online n-gram experts). audit_eval_mode checks a mode on random documents before it may score.
+# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit: README "What the script does".
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
@@ -1125,8 +1116,7 @@ def eval_ttt(ev, tokens, sheet):
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
         t = time.perf_counter()
-        # Train on sequences whose targets all lie before `hi`: every one of them is scored by now.
-        lo, hi = c * C, (c + 1) * C
+        lo, hi = c * C, (c + 1) * C  # train on sequences whose targets all lie before hi: all scored by now
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
@@ -1161,8 +1151,7 @@ def eval_ttt(ev, tokens, sheet):
 
 def doc_spans(tokens):
     """Documents as target ranges [start, end): inputs start at a BOS; the last target is the next BOS."""
-    total = tokens.numel() - 1
-    starts = np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
+    total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
     return starts, np.append(starts[1:], total)
@@ -1247,9 +1236,8 @@ def eval_lora(ev, tokens, sheet):
 
 
 class NgramMixer:
-    """Online n-gram experts mixed with the network, in stream order. Order k counts what followed the same
-    k-1 tokens (never across a BOS; hashed from order 3) among the targets scored so far, smoothed towards order
-    k-1 by NGRAM_PRIOR pseudo-counts. Weights per bin of network entropy follow online EM: stable where Hedge
+    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below by
+    NGRAM_PRIOR, mixed with the network by weights per bin of its entropy that follow online EM: stable where Hedge
     diverges, and unlike Hedge on each expert's loss no collapse onto one expert (records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
@@ -1313,8 +1301,7 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        # Online EM: each target moves its bin's weights towards each expert's share of the mixture's p(target).
-        share_y = w * p_y / mix[:, None]
+        share_y = w * p_y / mix[:, None]  # online EM: weights move towards each expert's share of p(target)
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
@@ -1400,19 +1387,14 @@ def gap(a, b):
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents scored twice (the spread
-    sets the tolerance), with the tokens after t redrawn (nothing scored up to t may move), and for an
-    isolated mode rebatched and with half the documents redrawn (no other network loss may move).
-    Losses must match their checked distributions, which sum to 1; every target is scored once."""
+    """The causality audit (README "What the script does") of run(tokens) -> reduced audit ScoreSheet."""
     def scored(tokens, **settings):  # no time budget: it makes scores depend on the clock, not the tokens
         with overridden(args, ttt_max_seconds=0.0, **settings):
             return run(tokens)
 
     t0, net = time.perf_counter(), mode.partition("+")[0]
-    g = torch.Generator().manual_seed(args.seed)
-    isolated = net in ISOLATED_MODES
+    g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
-    # An isolated mode gets enough documents for two batches on every rank.
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
     n = tokens.numel() - 1
     t = n // 2
@@ -1463,9 +1445,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Matrices: symmetric per-row intN, rounded to nearest or by GPTQ (Hessians from training data), each
-# row's clip chosen by search; one quantizer serves late QAT and the export. The artifact: a JSON header
-# + raw arrays (never a pickle), grouped by kind, 16/32-bit ones byte-shuffled, then compressed.
+# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export; README "Export".
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1660,8 +1640,7 @@ def deserialize_quantized(blob):
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
     try:
-        header = json.loads(blob[8:8 + hlen])
-        payload = memoryview(blob)[8 + hlen:]
+        header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
         return {name: parse_tensor_entry(name, entry, payload) for name, entry in header["tensors"].items()}
     except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, DataError):
@@ -1714,8 +1693,7 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC, codec id, CRC-32 of (codec id + compressed blob), compressed blob; `auto` keeps the
-    smallest. The CRC refuses every bit flip and truncation, which decompressors alone would load."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 of (id + blob: decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1883,8 +1861,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or the decay whose half-life is EMA_HALF_LIFE_FRAC of the expected steps: a short run is
-    never exported as a blend with its initialization."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: a short run is no blend with its init."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1964,8 +1941,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop and all it changes, which a checkpoint holds, one file per rank (Muon keeps momenta
-    on the rank using them): a resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop and all it changes, saved in a checkpoint per rank (Muon keeps momenta on the rank
+    using them) so that a resumed run continues exactly; SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -2149,8 +2126,7 @@ def load_tokenizer_tables(args, device, log):
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
     """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
-    t = time.perf_counter()
-    gptq = args.quant_method == "gptq"
+    t, gptq = time.perf_counter(), args.quant_method == "gptq"
     hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
     qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
     quant_s = time.perf_counter() - t
@@ -2222,8 +2198,7 @@ def main():
     for w in warnings:
         log(w, console=False)
 
-    # Tokenizer and data checks, before any compute.
-    luts = load_tokenizer_tables(args, device, log)
+    luts = load_tokenizer_tables(args, device, log)  # tokenizer and data checks, before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now
