@@ -4,9 +4,8 @@ Parameter Golf trainer: one file, configured by environment variables.
   torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, the record setting
   SMOKE=1 python3 train_gpt.py                                # whole pipeline, tiny, on a CPU
 
-Trains a GPT (GQA, partial RoPE, XSA, SmearGate, BigramHash, value embeddings, U-Net skips) with
-Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads the artifact
-and scores it on the validation split in bits per byte (plain and sliding-window).
+Trains a GPT with Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads
+the artifact and scores it on the validation split in bits per byte.
 """
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
-# Every setting is an env var; the defaults are the strongest known 8xH100 stack.
-# SMOKE=1 swaps in a tiny model and a sample dataset built locally (see main()).
+# Every setting is an env var; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
 KNOWN_ENV: dict[str, object] = {}
@@ -55,9 +53,8 @@ class DataError(ValueError):
     """A missing, corrupt or mismatched shard, tokenizer or artifact."""
 
 
-def env(name: str, default):
-    """Read env var `name`, parsed as the type of `default` (the PRESET's value when it sets one),
-    and register it as a known setting."""
+def env(name, default):
+    """Env var `name` parsed as the type of `default` (the PRESET's, if it sets one); registered as a setting."""
     default = PRESETS.get(PRESET, {}).get(name, default)
     KNOWN_ENV[name] = default
     raw = os.environ.get(name)
@@ -65,11 +62,9 @@ def env(name: str, default):
         return default
     try:
         if isinstance(default, bool):
-            if raw.strip().lower() not in ("0", "1", "true", "false"):
-                raise ValueError
-            return raw.strip().lower() in ("1", "true")
+            return {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
         return type(default)(raw)
-    except ValueError:
+    except (KeyError, ValueError):
         ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
         return default
 
@@ -99,7 +94,7 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-class Hyperparameters:
+class Hyperparameters:  # README "Configuration" and "The new settings" describe every setting
     smoke = SMOKE
     # Data and run.
     data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
@@ -108,13 +103,13 @@ class Hyperparameters:
     run_id = env("RUN_ID", str(uuid.uuid4()))
     seed = env("SEED", 1337)
 
-    # Schedule. The LR warmdown is wallclock-aware: it ends when MAX_WALLCLOCK_SECONDS runs out.
+    # Schedule. The LR warmdown ends when MAX_WALLCLOCK_SECONDS runs out.
     iterations = env("ITERATIONS", S(20000, 40))
     warmup_steps = env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
     warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
     max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
     train_batch_tokens = env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
-    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # micro-batches per step; 0: 8 // WORLD_SIZE, as officially
+    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
     train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
     eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
     eval_stride = env("EVAL_STRIDE", S(64, 32))
@@ -128,29 +123,29 @@ class Hyperparameters:
     num_heads = env("NUM_HEADS", S(8, 4))
     num_kv_heads = env("NUM_KV_HEADS", S(4, 2))
     mlp_mult = env("MLP_MULT", 3.0)
-    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)  # MLP act = leaky_relu(x)^2; 0 gives relu^2
+    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)
     tie_embeddings = env("TIE_EMBEDDINGS", True)
     tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
     rope_base = env("ROPE_BASE", 10000.0)
-    rope_dims = env("ROPE_DIMS", S(16, 8))  # rotated dims per head; the rest carry no position
+    rope_dims = env("ROPE_DIMS", S(16, 8))
     logit_softcap = env("LOGIT_SOFTCAP", 30.0)
     qk_gain_init = env("QK_GAIN_INIT", 1.5)
-    ln_scale = env("LN_SCALE", True)  # scale block inputs by 1/sqrt(layer+1)
-    xsa_last_n = env("XSA_LAST_N", 11)  # exclusive self-attention on the last N layers (>= layers: all)
-    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))  # 0 disables BigramHash
+    ln_scale = env("LN_SCALE", True)
+    xsa_last_n = env("XSA_LAST_N", 11)
+    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))
     bigram_dim = env("BIGRAM_DIM", S(128, 32))
     smear_enabled = env("SMEAR_ENABLED", True)
     unet_skips = env("UNET_SKIPS", True)
     ve_enabled = env("VE_ENABLED", True)
     ve_dim = env("VE_DIM", S(128, 32))
-    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices: the last two layers
+    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
     matrix_lr = env("MATRIX_LR", 0.025)
     scalar_lr = env("SCALAR_LR", 0.025)
     tied_embed_lr = env("TIED_EMBED_LR", 0.035)
-    embed_lr = env("EMBED_LR", 0.6)  # untied input embedding
-    head_lr = env("HEAD_LR", 0.008)  # untied output head
+    embed_lr = env("EMBED_LR", 0.6)
+    head_lr = env("HEAD_LR", 0.008)
     muon_momentum = env("MUON_MOMENTUM", 0.99)
     muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
     muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
@@ -161,9 +156,9 @@ class Hyperparameters:
     beta1 = env("BETA1", 0.9)
     beta2 = env("BETA2", 0.95)
     adam_eps = env("ADAM_EPS", 1e-8)
-    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # 0 disables
+    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
 
-    # Weight averaging: EMA every step; tight SWA collects late checkpoints (of the EMA by default).
+    # Weight averaging: EMA every step; SWA of late checkpoints (of the EMA by default).
     ema_enabled = env("EMA_ENABLED", True)
     ema_decay = env("EMA_DECAY", S(0.997, 0.9))
     swa_enabled = env("SWA_ENABLED", False)
@@ -171,77 +166,75 @@ class Hyperparameters:
     swa_start_scale = env("SWA_START_SCALE", 0.2)  # collect once the LR scale is below this
     swa_from_ema = env("SWA_FROM_EMA", True)
 
-    # Export (see QUANTIZATION AND THE ARTIFACT).
+    # Export.
     attn_bits = env("ATTN_BITS", 6)
     mlp_bits = env("MLP_BITS", 6)
-    embed_bits = env("EMBED_BITS", 8)  # 16 keeps embeddings in fp16
-    # "REGEX:BITS,..." on tensor names, applied last; 16 = fp16. The smoke model's matrices are all under
-    # the small-tensor size: forcing them in makes the smoke run exercise GPTQ and late QAT.
+    embed_bits = env("EMBED_BITS", 8)  # 16: fp16
+    # "REGEX:BITS,..." on tensor names, applied last. The smoke run forces its small matrices in, for GPTQ and QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    quant_method = env("QUANT_METHOD", "gptq")  # gptq | rtn (round to nearest)
-    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")  # per-row clip search
+    quant_method = env("QUANT_METHOD", "gptq")
+    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
     gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
     gptq_damp = env("GPTQ_DAMP", 0.01)
     gptq_act_order = env("GPTQ_ACT_ORDER", True)
-    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))  # training micro-batches per rank
-    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))  # taken from the training wallclock
-    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quantize once the LR scale is below; 0: off
-    prune_frac = env("PRUNE_FRAC", 0.0)  # zero the smallest quantized weights before compression
-    compressor = env("COMPRESSOR", "zstd")  # zstd | lzma | brotli | auto (smallest)
+    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))
+    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
+    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)
+    prune_frac = env("PRUNE_FRAC", 0.0)
+    compressor = env("COMPRESSOR", "zstd")
     zstd_level = env("ZSTD_LEVEL", 22)
     artifact_cap = env("ARTIFACT_CAP", 16_000_000)
-    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)  # fit-to-cap never prunes more than this
-    eval_only = env("EVAL_ONLY", "")  # path of an artifact: load it and evaluate, no training
-    quant_only = env("QUANT_ONLY", "")  # path of final_model.pt: re-quantize, export, evaluate
-    resume = env("RESUME", "")  # checkpoints/<RUN_ID> of an interrupted run: continue it exactly
+    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)
+    eval_only = env("EVAL_ONLY", "")
+    quant_only = env("QUANT_ONLY", "")
+    resume = env("RESUME", "")
 
-    # Evaluation (see EVALUATION). The modes of FINAL_EVAL run in order; the last one gives the score.
+    # Evaluation. The FINAL_EVAL modes run in order; the last one gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves room in the 600 s evaluation for the
-    # roundtrip, sliding, n-gram and audit passes: an estimate from the seeds' 8xH100 timings, unmeasured here.
+    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the other passes room in 600 s (estimated).
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
-    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")  # sgd | adamw
+    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")
     ttt_lr = env("TTT_LR", 0.002)
     ttt_momentum = env("TTT_MOMENTUM", 0.9)
-    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)  # the first N blocks do not adapt
-    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))  # sequences per step, all ranks together
+    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
+    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))
     ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
     ttt_lora_rank = env("TTT_LORA_RANK", 8)
     ttt_lora_lr = env("TTT_LORA_LR", 0.01)
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
     ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
-    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))  # documents adapted side by side
+    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))
     ngram_order = env("NGRAM_ORDER", 4)
     ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
-    ngram_prior = env("NGRAM_PRIOR", 3.0)  # pseudo-counts of order k-1 in order k
-    ngram_eta = env("NGRAM_ETA", 0.01)  # step of the mixture weights per target
-    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)  # the n-gram experts' share before any update
+    ngram_prior = env("NGRAM_PRIOR", 3.0)
+    ngram_eta = env("NGRAM_ETA", 0.01)
+    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)
     ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
     # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
-    preset = env("PRESET", "seeds")  # naive_baseline | seeds | top
-    loop_layers = env("LOOP_LAYERS", "")  # "A-B": blocks A..B run 1 + LOOP_REPEATS times in a row
+    preset = env("PRESET", "seeds")
+    loop_layers = env("LOOP_LAYERS", "")
     loop_repeats = env("LOOP_REPEATS", 2)
-    loop_start_frac = env("LOOP_START_FRAC", 0.0)  # the loop starts at this progress
-    parallel_from = env("PARALLEL_FROM", 0)  # from this block on, attention and MLP read one input; 0: off
-    attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # per-head output gate from the first N channels; 0: off
-    muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R
+    loop_start_frac = env("LOOP_START_FRAC", 0.0)
+    parallel_from = env("PARALLEL_FROM", 0)
+    attn_gate_dims = env("ATTN_GATE_DIMS", 0)
+    muon_row_norm = env("MUON_ROW_NORM", False)
     normuon = env("NORMUON", False)
     normuon_beta2 = env("NORMUON_BETA2", 0.95)
-    min_lr = env("MIN_LR", 0.0)  # floor of the LR scale
-    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)  # from this progress, Muon WD goes linearly to...
-    muon_wd_final = env("MUON_WD_FINAL", 0.0)  # ...this at the end; start 1: off
-    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)  # >0: EMA half-life = this x expected steps, not EMA_DECAY
-    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")  # "LEN:PROGRESS,...": LEN until PROGRESS; TRAIN_SEQ_LEN after
-    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)  # >0: SDClip, embedding rows clipped at k x std(row)
-    embed_gptq = env("EMBED_GPTQ", False)  # GPTQ the tied embedding as the output head (QUANT_METHOD=gptq)
+    min_lr = env("MIN_LR", 0.0)
+    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)
+    muon_wd_final = env("MUON_WD_FINAL", 0.0)
+    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)
+    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")
+    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)
+    embed_gptq = env("EMBED_GPTQ", False)
 
     # Runtime.
-    compile = env("COMPILE", True)  # torch.compile on CUDA (never on CPU)
-    attn_backend = env("ATTN_BACKEND", "auto")  # auto | fa3 | fa2 | sdpa | sdpa_{flash,cudnn,efficient,math}
+    compile = env("COMPILE", True)
+    attn_backend = env("ATTN_BACKEND", "auto")
 
     @property
     def train_files(self):
@@ -257,7 +250,7 @@ FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
 
 
-def misspelt_env_warnings() -> list[str]:
+def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
@@ -270,7 +263,7 @@ def misspelt_env_warnings() -> list[str]:
     return out
 
 
-def ve_layer_indices(args) -> list[int]:
+def ve_layer_indices(args):
     if not args.ve_enabled or not args.ve_layers.strip():
         return []
     try:
@@ -282,7 +275,7 @@ def ve_layer_indices(args) -> list[int]:
     return sorted({i % args.num_layers for i in idx})
 
 
-def loop_range(args) -> tuple[int, int] | None:
+def loop_range(args):
     if not args.loop_layers.strip():
         return None
     a, _, b = args.loop_layers.partition("-")
@@ -292,7 +285,7 @@ def loop_range(args) -> tuple[int, int] | None:
     return a, b
 
 
-def final_modes(args) -> list[str]:
+def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
@@ -312,8 +305,8 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
-def check_ranges(args) -> list[str]:
-    """Every float finite; every setting above within its bounds or choices."""
+def check_ranges(args):
+    """Every float finite; every setting in its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
            if isinstance(d, float) and not math.isfinite(value(n))]
@@ -327,7 +320,7 @@ def check_ranges(args) -> list[str]:
     return err
 
 
-def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
+def validate_config(args, world_size, grad_accum_steps):
     """Refuse impossible settings before any data is read or compute spent."""
     err = list(ENV_ERRORS) + check_ranges(args)
     if err:  # the checks below assume these
@@ -389,7 +382,7 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
         err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
     try:
         ve_layer_indices(args)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # a ConfigError
         err.append(str(e))
     try:
         loop_range(args)
@@ -412,8 +405,7 @@ def validate_config(args, world_size: int, grad_accum_steps: int) -> None:
 
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
-# Momentum, then orthogonalize each matrix update with a Newton-Schulz iteration.
-# Each rank orthogonalizes its share of the matrices; one all-reduce shares the results.
+# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations, shared out across ranks.
 # -----------------------------------------------------------------------------
 
 # Polar Express (Amsel et al. 2025): a quintic per iteration, each optimal for the spectrum left by the last.
@@ -424,14 +416,13 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def ns_coefficients(spec: str):
+def ns_coefficients(spec):
     """MUON_NS_COEFFS: "a,b,c" for every iteration, or "polar"."""
     return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs, eps: float = 1e-7) -> Tensor:
-    """Approximate U V^T of G = U S V^T: quintic iterations that push singular values towards 1.
-    coeffs: one (a, b, c) for every iteration, or one triple per iteration (the last one repeats)."""
+def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
+    """U V^T of G = U S V^T, approximately; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -446,16 +437,14 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs, eps: float = 1e-7
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ... of each group; each round of `world`
-    parameters is summed across ranks asynchronously, overlapping the next round's Newton-Schulz."""
+    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round's work."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, coeffs, weight_decay: float,
-                 row_norm: bool = False, normuon_beta2: float = 0.0):
+    def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
                                       weight_decay=weight_decay))
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
-    def orthogonalize(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+    def orthogonalize(self, p, g, group):
         if self.row_norm:  # MuonEq-R: every row (output neuron) of the update enters with unit norm
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
@@ -488,7 +477,6 @@ class Muon(torch.optim.Optimizer):
                     flat[offset:offset + n] = g.flatten().float()
                 offset += n
                 if distributed and (i % world == world - 1 or i == len(group["params"]) - 1):
-                    # This round's updates travel while the next round is orthogonalized.
                     pending.append(dist.all_reduce(flat[round_start:offset], async_op=True))
                     round_start = offset
         for work in pending:
@@ -509,10 +497,9 @@ class Muon(torch.optim.Optimizer):
 # A piece's leading "\u2581" is one space byte, except right after a boundary token (BOS).
 # -----------------------------------------------------------------------------
 
-def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+def build_sentencepiece_luts(sp, vocab_size, device):
     table = max(int(sp.vocab_size()), vocab_size)
-    base_bytes = np.zeros(table, dtype=np.int16)
-    has_leading_space = np.zeros(table, dtype=np.bool_)
+    base_bytes, has_leading_space = np.zeros(table, dtype=np.int16), np.zeros(table, dtype=np.bool_)
     is_boundary = np.ones(table, dtype=np.bool_)
     for t in range(int(sp.vocab_size())):
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
@@ -530,18 +517,16 @@ def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tenso
             torch.tensor(is_boundary, device=device))
 
 
-# CaseOps case controls (data/caseops.py CONTROLS): a tokenizer with these pieces writes case-factored
-# text, whose tables count control and lowercase bytes: only its byte sidecar counts the original bytes.
+# CaseOps controls (data/caseops.py): such a tokenizer's tables count transformed text; its sidecars the original.
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
-def is_caseops_tokenizer(sp) -> bool:
+def is_caseops_tokenizer(sp):
     return any(sp.piece_to_id(c) != sp.unk_id() for c in CASEOPS_CONTROLS)
 
 
-def target_bytes(tokens: Tensor, luts) -> Tensor:
-    """UTF-8 bytes of the text each target tokens[1:] stands for. `luts` is the tokenizer's tables, or
-    a byte sidecar: one count per token of `tokens` (load_validation_bytes), the count of a target."""
+def target_bytes(tokens, luts):
+    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar (per token)."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -560,11 +545,10 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable as a token shard
 
 
-def shard_token_count(path, magic: int = SHARD_MAGIC) -> int:
-    """Check a shard's header and size (no token is read); returns its token count."""
+def shard_token_count(path, magic=SHARD_MAGIC):
+    """Check a shard's header and size, reading no token; returns its token count."""
     path = str(path)
-    size = os.path.getsize(path)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
         raise DataError(f"{path}: not a {'shard' if magic == SHARD_MAGIC else 'byte sidecar'} "
                         f"(magic {header[0] if header.size else None}, expected {magic})")
@@ -577,7 +561,7 @@ def shard_token_count(path, magic: int = SHARD_MAGIC) -> int:
     return n
 
 
-def load_data_shard(path, vocab_size: int | None = None, magic: int = SHARD_MAGIC) -> np.ndarray:
+def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
     n = shard_token_count(path, magic)
     tokens = np.fromfile(str(path), dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
@@ -586,7 +570,7 @@ def load_data_shard(path, vocab_size: int | None = None, magic: int = SHARD_MAGI
     return tokens
 
 
-def shard_files(pattern: str, what: str) -> list[str]:
+def shard_files(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no {what} shards match {pattern}: download them with "
@@ -595,24 +579,23 @@ def shard_files(pattern: str, what: str) -> list[str]:
 
 
 class TokenStream:
-    """Reads the shards in order, forever, handing out contiguous token spans."""
+    """The shards in order, forever, as contiguous token spans."""
 
-    def __init__(self, pattern: str, vocab_size: int):
+    def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
         for f in self.files:  # every header and size now: a bad shard found mid-run wastes the run up to it
             shard_token_count(f)
         self.seek(0, 0)
 
-    def seek(self, file_idx: int, pos: int) -> None:
+    def seek(self, file_idx, pos):
         self.file_idx, self.pos = file_idx, pos
         self.tokens = load_data_shard(self.files[file_idx], self.vocab_size)
 
-    def take(self, n: int) -> np.ndarray:
+    def take(self, n):
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx], self.vocab_size), 0
+                self.seek((self.file_idx + 1) % len(self.files), 0)
                 continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
@@ -621,12 +604,12 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step, every rank takes its own slice of one shared chunk (plus one token for targets)."""
+    """Each micro-step, every rank takes its slice of one shared chunk (plus one token for targets)."""
 
-    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device):
+    def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def next_batch(self, local_tokens, seq_len):
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
@@ -635,16 +618,15 @@ class DistributedTokenLoader:
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern: str, vocab_size: int, seq_len: int) -> Tensor:
+def load_validation_tokens(pattern, vocab_size, seq_len):
     tokens = np.concatenate([load_data_shard(f, vocab_size) for f in shard_files(pattern, "validation")])
     if len(tokens) < 2:
         raise DataError(f"validation split {pattern} holds {len(tokens)} tokens: nothing to score")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-def load_validation_bytes(pattern: str) -> Tensor | None:
-    """The original UTF-8 bytes of each validation token, from the byte sidecar beside each val shard
-    (fineweb_val_N.bin -> fineweb_valbytes_N.bin, written by a CaseOps export); None if there are none."""
+def load_validation_bytes(pattern):
+    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin); None if there are none."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
@@ -667,9 +649,7 @@ def load_validation_bytes(pattern: str) -> Tensor | None:
 
 
 def validation_byte_source(args, sp, luts, log):
-    """What counts the bytes of val_bpb: the val shards' byte sidecars if they have them (the original
-    text's bytes, CaseOps), else the tokenizer's tables. A CaseOps tokenizer without sidecars is refused:
-    its tables would count the transformed text (controls, lowercase) instead of the original bytes."""
+    """The byte sidecars, else the tables: refused for CaseOps, whose tables count the transformed text."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -689,29 +669,26 @@ def validation_byte_source(args, sp, luts, log):
 BOS_ID = 1
 
 
-def rms_norm(x: Tensor) -> Tensor:
+def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights, computed in the activation dtype; `zero_init` marks output projections.
-    Late QAT: `qat_delta` (a buffer, so a compiled graph reads its current value; a Python flag
-    would be frozen at compile time) holds fake_quantize(w) - w, refreshed after each optimizer
-    step; adding it is a straight-through estimator: forward sees quantized weights, gradients
-    reach w unchanged. It stays zero until QAT starts."""
+    """fp32 master weights, computed in the activation dtype. Late QAT: the buffer `qat_delta` (compiled graphs
+    read a buffer's current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init, self.qat_bits = zero_init, None
         self.register_buffer("qat_delta", None, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         w = self.weight if self.qat_delta is None else self.weight + self.qat_delta
         return F.linear(x, w.to(x.dtype))
 
 
-def prepare_qat(model: nn.Module, args) -> list[CastedLinear]:
-    """Give every linear layer that the export quantizes a zero QAT delta; returns those layers."""
+def prepare_qat(model, args):
+    """Give every linear layer the export quantizes a zero QAT delta; returns those layers."""
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
@@ -721,33 +698,28 @@ def prepare_qat(model: nn.Module, args) -> list[CastedLinear]:
 
 
 @torch.no_grad()
-def refresh_qat(layers: list[CastedLinear], ratios) -> None:
+def refresh_qat(layers, ratios):
     for m in layers:
         m.qat_delta.copy_(fake_quantize(m.weight, m.qat_bits, ratios) - m.weight)
 
 
-ATTN_IMPL = {"name": "sdpa", "fn": None}
-
-
+ATTN_IMPL = {"fn": None}  # FlashAttention's function; None: SDPA
 SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if b.startswith("sdpa_"))
 
 
-def select_attention(requested: str, device) -> str:
-    """Pick FlashAttention 3, then 2, then SDPA (CPU always SDPA). An explicit request must be met.
-    sdpa_<kernel> allows PyTorch's SDPA that one CUDA kernel only (set before compiling, so the
-    compiled graph holds it; on CPU it is plain sdpa); plain sdpa leaves the choice to PyTorch."""
+def select_attention(requested, device):
+    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request (sdpa_<kernel>: that kernel) must be met."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
         if name.startswith("sdpa"):
-            ATTN_IMPL.update(name=name, fn=None)
+            ATTN_IMPL["fn"] = None
             kernel = name.partition("_")[2]
             for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
                 getattr(torch.backends.cuda, f"enable_{k}_sdp" if k != "efficient" else "enable_mem_efficient_sdp")(k == kernel)
             return name
         try:
-            module = __import__(candidates[name][0])
-            ATTN_IMPL.update(name=name, fn=getattr(module, candidates[name][1]))
+            ATTN_IMPL["fn"] = getattr(__import__(candidates[name][0]), candidates[name][1])
             return name
         except ImportError:
             if requested != "auto":
@@ -755,8 +727,8 @@ def select_attention(requested: str, device) -> str:
     raise AssertionError("unreachable")
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). GQA handled natively by every backend."""
+def causal_attention(q, k, v):
+    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D); every backend handles GQA."""
     if ATTN_IMPL["fn"] is not None:
         out = ATTN_IMPL["fn"](q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -766,14 +738,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head. Past the training length the base is
-    NTK-scaled so that the slowest frequencies still span the longer context."""
+    """Partial RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
 
-    def __init__(self, dims: int, base: float, train_seq_len: int):
+    def __init__(self, dims, base, train_seq_len):
         super().__init__()
         self.dims, self.base, self.train_seq_len = dims, base, train_seq_len
 
-    def forward(self, T: int, device) -> tuple[Tensor, Tensor]:
+    def forward(self, T, device):
         base = self.base
         if T > self.train_seq_len:
             base *= (T / self.train_seq_len) ** (self.dims / (self.dims - 2)) if self.dims > 2 else 1.0
@@ -782,16 +753,15 @@ class Rotary(nn.Module):
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, dims: int) -> Tensor:
+def apply_rotary(x, cos, sin, dims):
     half = dims // 2
     x1, x2, rest = x[..., :half], x[..., half:dims], x[..., dims:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
-def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: drop from each head's output its component along the token's own value vector.
-    y: (B,T,H,D), v: (B,T,Hkv,D); heads are grouped onto their KV head without repeating v."""
+def exclusive_self_attention(y, v):
+    """XSA: drop from each head's output its component along the token's own value vector."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -799,20 +769,20 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 train_seq_len: int, qk_gain_init: float, xsa: bool, gate_dims: int = 0):
+    def __init__(self, args, xsa):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
-        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        dim, self.num_heads, self.num_kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        self.head_dim = dim // args.num_heads
+        kv_dim = args.num_kv_heads * self.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(dim, dim), CastedLinear(dim, kv_dim), CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary, self.rope_dims, self.xsa = Rotary(rope_dims, rope_base, train_seq_len), rope_dims, xsa
-        # Output gate per head, 2 sigmoid(W x[:gate_dims]): zero-initialized, so it starts as the identity.
-        self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
+        self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
+        self.rope_dims, self.xsa = args.rope_dims, xsa
+        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero-initialized, so it starts as the identity.
+        self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
-    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x, ve):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -832,21 +802,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float, slope: float):
+    def __init__(self, dim, mult, slope):
         super().__init__()
         hidden = int(mult * dim)
         self.fc, self.proj, self.slope = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True), slope
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, args, layer_idx: int, xsa: bool):
+    def __init__(self, args, layer_idx, xsa):
         super().__init__()
         dim = args.model_dim
-        self.attn = Attention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                              args.train_seq_len, args.qk_gain_init, xsa, args.attn_gate_dims)
+        self.attn = Attention(args, xsa)
         self.mlp = MLP(dim, args.mlp_mult, args.leaky_relu_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -854,7 +823,7 @@ class Block(nn.Module):
         self.in_scale = 1.0 / math.sqrt(layer_idx + 1) if args.ln_scale else 1.0
         self.parallel = 0 < args.parallel_from <= layer_idx
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x, x0, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
@@ -863,14 +832,13 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one through a learned per-dim gate, never across a
-    document boundary: a BOS position (and position 0) keeps its own vector."""
+    """Blend each position with the previous one by a learned per-dim gate; a BOS keeps its own."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+    def forward(self, x, ids):
         g = torch.sigmoid(self.gate.to(x.dtype))
         prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         g = g * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
@@ -878,10 +846,9 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding, projected to the model width. Slot
-    `size - 1` stands for "no previous token" (position 0 and document starts)."""
+    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token."""
 
-    def __init__(self, size: int, dim: int, model_dim: int):
+    def __init__(self, size, dim, model_dim):
         super().__init__()
         self.size = size
         self.embed = nn.Embedding(size, dim)
@@ -889,28 +856,27 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(dim, model_dim, zero_init=True)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def bucket(self, ids: Tensor) -> Tensor:
+    def bucket(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0))
-        h = (ids * 92821) ^ (prev * 689287)
-        h = torch.remainder(h, self.size - 1)
+        h = torch.remainder((ids * 92821) ^ (prev * 689287), self.size - 1)
         start = (torch.arange(ids.size(1), device=ids.device) == 0) | (ids == BOS_ID)
         return torch.where(start, self.size - 1, h)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids):
         return self.proj(self.embed(self.bucket(ids))) * self.scale
 
 
 class ValueEmbedding(nn.Module):
-    """One token embedding shared by several layers and added to their attention values."""
+    """One token embedding shared by several layers, added to their attention values."""
 
-    def __init__(self, vocab_size: int, dim: int, kv_dim: int, n_layers: int):
+    def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.proj = CastedLinear(dim, kv_dim, zero_init=True)
         self.layer_scales = nn.Parameter(torch.ones(n_layers))
 
-    def forward(self, ids: Tensor, dtype) -> Tensor:
+    def forward(self, ids, dtype):
         return self.proj(self.embed(ids).to(dtype))
 
 
@@ -923,28 +889,24 @@ class GPT(nn.Module):
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(dim) if args.smear_enabled else None
         self.blocks = nn.ModuleList(Block(args, i, xsa=i >= L - args.xsa_last_n) for i in range(L))
-        self.ve_layers = ve_layer_indices(args)
-        kv_dim = args.num_kv_heads * (dim // args.num_heads)
+        self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        # U-Net: the first half's outputs feed, in reverse order, the second half's inputs.
-        self.num_encoder = L // 2 if args.unet_skips else 0
+        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
-        # Depth recurrence: a Python int, so each value compiles its own graph. The trained (and evaluated)
-        # model loops; training switches it off until LOOP_START_FRAC (apply_schedules).
         self.loop_range = loop_range(args)
-        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
         self._init_weights(args)
 
-    def _init_weights(self, args) -> None:
+    def _init_weights(self, args):
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self):
         """Blocks in run order: with looping on, the loop range runs loop_passes times in a row."""
         order = list(range(len(self.blocks)))
         if self.loop_passes > 1:
@@ -952,7 +914,7 @@ class GPT(nn.Module):
             order = order[:b + 1] + list(range(a, b + 1)) * (self.loop_passes - 1) + order[b + 1:]
         return order
 
-    def logits(self, ids: Tensor, head_delta=None) -> Tensor:
+    def logits(self, ids, head_delta=None):
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -961,14 +923,10 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        # Skips and value embeddings follow the physical block: a repeated decoder block reads its mirror
-        # encoder block's latest output; a repeated encoder block overwrites it.
-        for i in self.layer_order():
+        for i in self.layer_order():  # skips and value embeddings follow the physical block
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
-            ve_i = None
-            if i in self.ve_layers:
-                ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype)
+            ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             x = self.blocks[i](x, x0, ve_i)
             if i < self.num_encoder:
                 skips[i] = x
@@ -979,8 +937,8 @@ class GPT(nn.Module):
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
-    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Per-token cross-entropy in nats, shape (B, T); the logits when no targets are given."""
+    def forward(self, ids, targets=None):
+        """Per-token cross-entropy in nats (B, T); the logits without targets."""
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -989,19 +947,7 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# Every mode fills a ScoreSheet: the loss and entropy of the distribution scored for each target,
-# and how many times each target was scored. Modes (FINAL_EVAL names):
-#   roundtrip       windows of EVAL_SEQ_LEN tokens side by side (the plain evaluation);
-#   sliding_window  a window every EVAL_STRIDE tokens, each scoring the targets from where the
-#                   previous window stopped: every target once, with >= EVAL_SEQ_LEN - stride context;
-#   ttt             score-first chunked TTT: the sliding windows of a chunk are scored, then the
-#                   model trains on that chunk, so no target is scored by weights that saw it;
-#   lora            per-document LoRA TTT: each document in chunks, each chunk scored, then the
-#                   document's own fresh adapter trains on it; nothing crosses a document start;
-#   MODE+ngram      afterwards, in stream order, mix the network with online n-gram experts.
-# audit_eval_mode checks a mode on random documents before it may give a score: causality of the
-# whole distribution scored at each position, exactly-once scoring, normalization, the loss being
-# read from the distribution checked, and document isolation where the mode promises it.
+# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit: README "What the script does".
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
@@ -1011,14 +957,12 @@ AUDIT_MAX_NOISE = 1e-2  # nats: a mode whose repeated scores differ by more hide
 
 
 class EvalError(RuntimeError):
-    """An evaluation broke its contract (a target scored twice or never, a leak): no score."""
+    """A mode broke its contract (a target scored twice or never, a leak): no score."""
 
 
 @dataclass
 class Evaluation:
-    """What every mode needs besides the tokens: the settings, the model (`model` may be the
-    compiled graph, used to score; `base_model` is the module that TTT adapts and LoRA hooks),
-    this rank's place among the ranks, and the log."""
+    """What a mode needs: `model` (maybe compiled) scores; `base_model` is what TTT adapts and LoRA hooks."""
     args: object
     model: nn.Module
     base_model: nn.Module
@@ -1027,26 +971,23 @@ class Evaluation:
     world_size: int = 1
     log: object = print
 
-    def share(self, n: int) -> slice:
+    def share(self, n):
         """This rank's contiguous part of n items."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
 
 @functools.lru_cache(maxsize=4)
-def audit_probes(vocab: int, device) -> Tensor:
-    """(vocab, AUDIT_PROBES) fixed random directions. Two distributions with the same projections
-    are the same distribution in practice; a permutation of one moves them too."""
+def audit_probes(vocab, device):
+    """(vocab, AUDIT_PROBES) fixed random directions: equal projections mean equal distributions."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution and a hit count. An audit sheet
-    also keeps each scored distribution's fingerprint (its probabilities on AUDIT_PROBES), the loss
-    read back from that same distribution, and the worst normalization error."""
+    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each distribution's
+    fingerprint (on audit_probes), the loss read back from it and the worst normalization error."""
 
-    def __init__(self, total: int, device, audit: bool = False):
-        self.nats = torch.zeros(total, device=device)
-        self.ent = torch.zeros(total, device=device)
+    def __init__(self, total, device, audit=False):
+        self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
@@ -1054,7 +995,7 @@ class ScoreSheet:
         self.net_nats = None  # the network's own losses, once a mixture has replaced `nats`
 
     @torch.no_grad()
-    def record(self, pos: Tensor, logits: Tensor, y: Tensor) -> None:
+    def record(self, pos, logits, y):
         logp = F.log_softmax(logits.float(), dim=-1)
         nats = -logp.gather(1, y[:, None]).squeeze(1)
         self.nats.index_add_(0, pos, nats)
@@ -1066,10 +1007,10 @@ class ScoreSheet:
             self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
 
     @property
-    def network_nats(self) -> Tensor:
+    def network_nats(self):
         return self.nats if self.net_nats is None else self.net_nats
 
-    def reduce(self) -> "ScoreSheet":
+    def reduce(self):
         if dist.is_initialized():
             for t in (self.nats, self.ent, self.hits, self.fp, self.row_nats):
                 if t is not None:
@@ -1077,14 +1018,14 @@ class ScoreSheet:
             dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
         return self
 
-    def check_once(self) -> None:
+    def check_once(self):
         bad = (self.hits != 1).nonzero()
         if len(bad):
             p = int(bad[0])
             raise EvalError(f"{len(bad)} of {self.hits.numel()} targets not scored exactly once "
                             f"(target {p} scored {int(self.hits[p])} times)")
 
-    def result(self, tokens: Tensor, luts) -> tuple[float, float]:
+    def result(self, tokens, luts):
         """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
@@ -1099,20 +1040,18 @@ def autocast_ctx(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def window_plan(total: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """For `total` targets: window starts and the first target index each window scores."""
+def window_plan(total, seq_len, stride):
+    """Window starts for `total` targets, and the first target each window scores."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
     if starts[-1] + seq_len < total:
         starts = np.append(starts, total - seq_len)
-    score_from = np.concatenate(([0], starts[:-1] + seq_len))
-    return starts, score_from
+    return starts, np.concatenate(([0], starts[:-1] + seq_len))
 
 
 @torch.no_grad()
-def score_windows(ev: Evaluation, tokens: Tensor, starts: np.ndarray, score_from: np.ndarray, seq_len: int,
-                  sheet: ScoreSheet) -> None:
+def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
     """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
     offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
@@ -1128,44 +1067,40 @@ def score_windows(ev: Evaluation, tokens: Tensor, starts: np.ndarray, score_from
         sheet.record(pos[keep], logits[keep], win[:, 1:][keep])
 
 
-def eval_windows(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet, stride: int) -> None:
+def eval_windows(ev, tokens, sheet, stride):
     total = tokens.numel() - 1
     seq_len = min(ev.args.eval_seq_len, total)
     starts, score_from = window_plan(total, seq_len, stride)
     mine = ev.share(len(starts))
     score_windows(ev, tokens, starts[mine], score_from[mine], seq_len, sheet)
 
-class Budget:
-    """TTT_MAX_SECONDS for a TTT mode, scoring included: adaptation stops once the time left would
-    not cover scoring the rest (projected from the scoring so far), so no target is ever skipped."""
 
-    def __init__(self, seconds: float):
+class Budget:
+    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left still covers scoring the rest."""
+
+    def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
 
-    def adapt_ok(self, frac_scored: float, step_s: float) -> bool:
+    def adapt_ok(self, frac_scored, step_s):
         if self.seconds <= 0:
             return True
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
         return time.perf_counter() - self.t0 + 1.2 * rest + step_s < self.seconds
 
 
-def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
-    """Score-first chunked TTT. A window belongs to the chunk of its first scored target, so by the
-    time the model trains on chunk c every target of chunk c (and no later one) has been scored."""
+def eval_ttt(ev, tokens, sheet):
+    """Score-first chunked TTT: a chunk's windows (by first scored target) are scored, then the model trains on it."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
     starts, score_from = window_plan(total, seq_len, args.eval_stride)
-    n_chunks = -(-total // C)
-    chunk_of = score_from // C
+    n_chunks, chunk_of = -(-total // C), score_from // C
     frozen = {id(p) for blk in model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-    if args.ttt_optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    else:
-        opt = torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0)
+    opt = (torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if args.ttt_optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0))
     budget, adapting, step_s, stopped_at = Budget(args.ttt_max_seconds), True, 0.0, None
     for c in range(n_chunks):
         t = time.perf_counter()
@@ -1181,8 +1116,7 @@ def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
         t = time.perf_counter()
-        # Train on sequences whose targets all lie before `hi`: every one of them is scored by now.
-        lo, hi = c * C, (c + 1) * C
+        lo, hi = c * C, (c + 1) * C  # train on sequences whose targets all lie before hi: all scored by now
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
@@ -1214,21 +1148,19 @@ def eval_ttt(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
         ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
                f"{stopped_at}/{n_chunks}, scoring went on")
 
-def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Documents as target ranges [start, end): a document's inputs start at its BOS, and its
-    last target is the next document's BOS."""
-    total = tokens.numel() - 1
-    starts = np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
+
+def doc_spans(tokens):
+    """Documents as target ranges [start, end): inputs start at a BOS; the last target is the next BOS."""
+    total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
     return starts, np.append(starts[1:], total)
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters, one set per document of a batch, on every attention's Q and V and on the
-    LM head. B starts at zero, so a fresh adapter leaves the base model unchanged."""
+    """Rank-r adapters per document on every attention's Q and V and the LM head; B starts at 0."""
 
-    def __init__(self, model, n_docs: int, rank: int, device):
+    def __init__(self, model, n_docs, rank, device):
         super().__init__()
         self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
         shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
@@ -1237,23 +1169,19 @@ class DocLoRA(nn.Module):
                                   for i, _ in shapes)
         self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
 
-    def delta(self, k: int, x: Tensor) -> Tensor:
+    def delta(self, k, x):
         return (x @ self.A[k].to(x.dtype)) @ self.B[k].to(x.dtype)
 
-    def attach(self) -> list:
+    def attach(self):
         return [m.register_forward_hook(lambda mod, inp, out, k=k: out + self.delta(k, inp[0]))
                 for k, m in enumerate(self.targets)]
 
-    def head(self, x: Tensor) -> Tensor:
+    def head(self, x):
         return self.delta(len(self.targets), x)
 
 
-def eval_lora(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
-    """Per-document score-first LoRA TTT. Documents are dealt to ranks longest first (balancing
-    the load) and batched with documents of similar length: lengths only schedule the work, no
-    score depends on them. Chunk i of every document in the batch is scored by adapters trained on
-    chunks < i only, then one Adam step trains on it. Runs the eager model: hooks change its
-    graph, so no graph compiled for the base model is reused."""
+def eval_lora(ev, tokens, sheet):
+    """Per-document score-first LoRA TTT: each chunk scored, then trained on. Eager: the hooks change the graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1308,17 +1236,9 @@ def eval_lora(ev: Evaluation, tokens: Tensor, sheet: ScoreSheet) -> None:
 
 
 class NgramMixer:
-    """Online n-gram experts mixed with the network, run over the stream in order after the network
-    scored it. Order k (1..NGRAM_ORDER) counts, among the targets already scored, what followed the
-    same k-1 tokens (hashed into NGRAM_BUCKETS rows from order 3; a context never reaches back past
-    a BOS), smoothed towards order k-1 by NGRAM_PRIOR pseudo-counts (order 1 towards uniform): each
-    expert, and so the mixture, sums to 1 over the vocabulary. The mixture weights live per bin of
-    the network's entropy (how far to trust the network depends on its own confidence). They follow
-    the Hedge (multiplicative weights) update on the mixture's log loss in its linear form, which is
-    online EM: stable where the exponential form diverges on rare large gradients, and unlike Hedge
-    on each expert's own loss it does not collapse onto the best single expert (measured in
-    records/BENCHMARKS.md). Weights and counts are updated after each chunk of NGRAM_CHUNK targets;
-    inside a chunk a target's counts include the chunk's earlier targets: exactly online experts."""
+    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below by
+    NGRAM_PRIOR, mixed with the network by weights per bin of its entropy that follow online EM: stable where Hedge
+    diverges, and unlike Hedge on each expert's loss no collapse onto one expert (records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1330,12 +1250,10 @@ class NgramMixer:
         self.w = w0.to(device).expand(self.bins, -1).clone()  # (bins, 1 + order), network first
         self.norm_err = 0.0
 
-    def keys(self, x_ext: Tensor) -> list[Tensor]:
-        """Context row of every order for the positions of x_ext[order-2:] (x_ext: inputs, with the
-        order-2 tokens before them; V pads the stream start)."""
+    def keys(self, x_ext):
+        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens, V-padded)."""
         back, V = self.order - 2, self.V
-        n = len(x_ext) - max(back, 0)
-        idx = torch.arange(len(x_ext), device=x_ext.device)
+        n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
         keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
         for j in range(self.order - 1):  # context token x[t - j], a pad once a BOS lies after it
@@ -1345,8 +1263,8 @@ class NgramMixer:
             keys.append(code if (V + 1) ** (j + 1) <= rows else torch.remainder(code * 2654435761, rows))
         return keys
 
-    def expert_probs(self, keys: list[Tensor], y: Tensor, cand: Tensor) -> Tensor:
-        """(order, T, J): each order's probability of the candidate tokens cand (T, J)."""
+    def expert_probs(self, keys, y, cand):
+        """(order, T, J): each order's probability of the candidates cand (T, J)."""
         T = len(y)
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
         p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
@@ -1362,15 +1280,13 @@ class NgramMixer:
             out.append(p)
         return torch.stack(out)
 
-    def count(self, keys: list[Tensor], y: Tensor) -> None:
+    def count(self, keys, y):
         for k, key in enumerate(keys):
             self.counts[k].index_put_((key, y), torch.ones_like(y, dtype=torch.int32), accumulate=True)
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
-    def step(self, keys: list[Tensor], y: Tensor, net_nats: Tensor, ent: Tensor, audit=None) -> Tensor:
-        """Mixture loss of a chunk of targets, then the update. `audit` = the network's (fingerprint,
-        row loss) of these targets: then every expert's whole row is computed too, and the mixture's
-        normalization, fingerprint and the loss read back from its whole row are kept for the audit."""
+    def step(self, keys, y, net_nats, ent, audit=None):
+        """Mixture loss of a chunk of targets, then the update; whole rows too with `audit` (network fp, row loss)."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1385,20 +1301,15 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        # Multiplicative weights in their linear form (online EM of the mixture weights): each target
-        # moves its bin's weights towards each expert's share of the mixture's probability of it.
-        share_y = w * p_y / mix[:, None]
+        share_y = w * p_y / mix[:, None]  # online EM: weights move towards each expert's share of p(target)
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
         return -torch.log(mix)
 
 
-def ngram_mix(ev: Evaluation, sheet: ScoreSheet, tokens: Tensor) -> None:
-    """Replace the sheet's losses with the mixture's (the network's are kept as `net_nats`). Each
-    rank mixes one contiguous segment of the stream, its counts first filled from every target
-    before the segment; its mixture weights start afresh, so the score moves slightly with the
-    number of ranks."""
+def ngram_mix(ev, sheet, tokens):
+    """The mixture's losses replace the sheet's (`net_nats` kept); each rank's weights start afresh on its segment."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1428,9 +1339,8 @@ def ngram_mix(ev: Evaluation, sheet: ScoreSheet, tokens: Tensor) -> None:
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
-def run_eval_mode(ev: Evaluation, mode: str, tokens: Tensor, audit: bool = False) -> ScoreSheet:
-    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were. An
-    audit sheet also keeps what audit_eval_mode checks."""
+def run_eval_mode(ev, mode, tokens, audit=False):
+    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1447,34 +1357,14 @@ def run_eval_mode(ev: Evaluation, mode: str, tokens: Tensor, audit: bool = False
     return sheet
 
 
-def random_documents(min_tokens: int, min_docs: int, args, g: torch.Generator) -> Tensor:
-    """At least min_tokens + 1 tokens of BOS-led documents of random tokens, at least min_docs of
-    them. Lengths are log-uniform from 1 token to 3 windows: empty, short, chunk-sized and
-    multi-window documents all occur."""
+def random_documents(min_tokens, min_docs, args, g):
+    """At least min_tokens + 1 tokens of >= min_docs random BOS-led documents, 1 token to 3 windows long."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
     tokens = torch.randint(2, args.vocab_size, (sum(lens),), generator=g)
     tokens[np.cumsum([0] + lens[:-1])] = BOS_ID
     return tokens
-
-
-def gap(a: Tensor, b: Tensor) -> float:
-    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
-    d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-    return d if math.isfinite(d) else math.inf
-
-
-def audit_eval_mode(mode: str, run, args, log, world_size: int = 1) -> None:
-    """Audit a mode (run(tokens) -> reduced audit ScoreSheet) on random documents: scored twice as
-    they are (the spread of nondeterministic kernels sets the tolerance); once with everything after
-    position t redrawn, document boundaries included (no loss before t, nor the distribution scored
-    at t, may move); and for a mode that promises document isolation, once rebatched and once with
-    a random half of the documents redrawn (no network loss in the other half may move), over
-    enough documents for two batches on every rank. Every loss must be -log of its checked distribution at the target,
-    every distribution must sum to 1, every target be scored once. Raises EvalError otherwise."""
-    with overridden(args, ttt_max_seconds=0.0):  # the time budget makes scores depend on the clock, not the tokens
-        audit_runs(mode, run, args, log, world_size)
 
 
 @contextmanager
@@ -1490,32 +1380,37 @@ def overridden(args, **values):
             setattr(args, k, v)
 
 
-def audit_runs(mode: str, run, args, log, world_size: int) -> None:
+def gap(a, b):
+    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
+    d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return d if math.isfinite(d) else math.inf
+
+
+def audit_eval_mode(mode, run, args, log, world_size=1):
+    """The causality audit (README "What the script does") of run(tokens) -> reduced audit ScoreSheet."""
+    def scored(tokens, **settings):  # no time budget: it makes scores depend on the clock, not the tokens
+        with overridden(args, ttt_max_seconds=0.0, **settings):
+            return run(tokens)
+
     t0, net = time.perf_counter(), mode.partition("+")[0]
-    g = torch.Generator().manual_seed(args.seed)
-    isolated = net in ISOLATED_MODES
+    g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
     n = tokens.numel() - 1
     t = n // 2
     future = torch.cat((tokens[:t + 1], random_documents(n, 0, args, g)[t + 1:n + 1]))
-    a, again, b = run(tokens), run(tokens), run(future)
+    a, again, b = scored(tokens), scored(tokens), scored(future)
     for s in (a, again, b):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
-    tol = 4 * noise + 1e-6
-    batch_noise = 0.0
-    if isolated:  # its batches follow document lengths, which the redraw after t changes: the
-        # numerical spread of batching the same documents otherwise sets that check's tolerance
-        with overridden(args, ttt_lora_batch=args.ttt_lora_batch // 2 or 2):
-            rebatched = run(tokens)
+    tol, batch_noise = 4 * noise + 1e-6, 0.0
+    if isolated:  # batches follow document lengths, which the redraw changes: rebatching noise sets the tolerance
+        rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Only tokens after t changed: the losses before t, and the whole distribution scored at t
-    # (it may not depend on its own target either), must not move.
+    # Neither the losses before t nor the whole distribution scored at t (not even its own target) may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
-    norm = max(s.norm_err.item() for s in (a, again, b))
-    problems = []
+    norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
     if not all(torch.isfinite(s.nats).all() and torch.isfinite(s.fp).all() for s in (a, again, b)):
         problems.append("a loss or a scored distribution is not finite")
     if not noise <= AUDIT_MAX_NOISE:
@@ -1534,7 +1429,7 @@ def audit_runs(mode: str, run, args, log, world_size: int) -> None:
         doc_of = torch.cumsum(tokens == BOS_ID, 0) - 1  # tokens[0] is a BOS
         redrawn = torch.rand(len(starts), generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
-        c = run(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
+        c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
         kept = ~redrawn[doc_of[:-1]]  # targets whose document was left as it was
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
@@ -1550,12 +1445,7 @@ def audit_runs(mode: str, run, args, log, world_size: int) -> None:
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Matrices: symmetric per-row intN (bits by tensor class, overridable by name pattern), rounded
-# either to nearest or by GPTQ (Hessian-aware error propagation, Hessians from training data),
-# each row's clip chosen by search. One quantizer serves late QAT and the export.
-# The artifact is a self-describing byte layout (JSON header + raw arrays, never a pickle),
-# arrays grouped by kind and 16/32-bit ones byte-shuffled, then compressed (zstd-22 default).
-# Loading validates every field before touching the bytes.
+# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export; README "Export".
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1564,7 +1454,7 @@ EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_h
 DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
 
 
-def quant_overrides(args) -> list[tuple[str, int]]:
+def quant_overrides(args):
     out = []
     for item in filter(None, (s.strip() for s in args.quant_overrides.split(","))):
         pattern, _, bits = item.rpartition(":")
@@ -1574,8 +1464,8 @@ def quant_overrides(args) -> list[tuple[str, int]]:
     return out
 
 
-def quant_bits_for(name: str, t: Tensor, args) -> int | None:
-    """Export bits of a tensor, or None to keep it as fp16 (2-D) / fp32 (control tensors)."""
+def quant_bits_for(name, t, args):
+    """Export bits of a tensor; None keeps it as fp16 (2-D) / fp32 (control tensors)."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = None
@@ -1589,19 +1479,17 @@ def quant_bits_for(name: str, t: Tensor, args) -> int | None:
     return None if bits is None or bits >= 16 else bits
 
 
-def clip_ratios(args) -> tuple[float, ...]:
+def clip_ratios(args):
     return tuple(float(r) for r in args.quant_clip_ratios.split(","))
 
 
-def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+def round_to_grid(w, scale, qmax):
     return torch.clamp(torch.round(w / scale), -qmax, qmax)
 
 
-def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...], sigmas: float = 0.0) -> Tensor:
-    """Per-row scale (fp16-representable, shape (rows, 1)): the clip ratio of the row's max |w|
-    whose round-to-nearest error is lowest; with `sigmas` (SDClip) the clip is sigmas x std(row)."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+def row_scales(w, bits, ratios, sigmas=0.0):
+    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least rounding error."""
+    qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
     best_scale, best_err = None, None
@@ -1611,26 +1499,24 @@ def row_scales(w: Tensor, bits: int, ratios: tuple[float, ...], sigmas: float = 
         if best_scale is None:
             best_scale, best_err = scale, err
         else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+            best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
     return best_scale
 
 
-def quantize_per_row(w: Tensor, bits: int, ratios: tuple[float, ...] = (1.0,), sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
+def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
     """Round-to-nearest: w ~ q * scale[:, None], |q| <= 2^(bits-1) - 1."""
     w = w.float()
     scale = row_scales(w, bits, ratios, sigmas)
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
-def fake_quantize(w: Tensor, bits: int, ratios: tuple[float, ...]) -> Tensor:
+def fake_quantize(w, bits, ratios):
     q, scale = quantize_per_row(w, bits, ratios)
     return q.float() * scale.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: float, act_order: bool, sigmas: float = 0.0):
-    """GPTQ: quantize columns in order, pushing each column's rounding error onto the columns not yet
-    quantized through the inverse Hessian of the layer's inputs (H = E[x x^T])."""
+def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
+    """GPTQ: each column's rounding error goes onto later columns through the inverse Hessian (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1647,8 +1533,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: flo
             break
     else:
         return None
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    Q = torch.zeros_like(W)
+    Hinv, Q = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hb, E = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
@@ -1663,7 +1548,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, ratios, block: int, damp: flo
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -> dict[str, Tensor]:
+def collect_hessians(model, batches, args, device, world_size):
     """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
@@ -1690,7 +1575,7 @@ def collect_hessians(model: nn.Module, batches, args, device, world_size: int) -
     return hessians
 
 
-def quantize_state_dict(state: dict[str, Tensor], args, hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+def quantize_state_dict(state, args, hessians=None):
     out, ratios = {}, clip_ratios(args)
     for name, t in state.items():
         bits = quant_bits_for(name, t, args)
@@ -1706,9 +1591,8 @@ def quantize_state_dict(state: dict[str, Tensor], args, hessians: dict[str, Tens
     return out
 
 
-def prune_quantized(qstate: dict[str, dict], frac: float) -> dict[str, dict]:
-    """Zero the `frac` smallest-magnitude (|q| x row scale) entries of every quantized matrix:
-    zeros compress well. Returns a new state; the input is untouched."""
+def prune_quantized(qstate, frac):
+    """A new state with the `frac` smallest |q| x scale entries of each quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1722,21 +1606,21 @@ def prune_quantized(qstate: dict[str, dict], frac: float) -> dict[str, dict]:
     return out
 
 
-def dequantize_state_dict(qstate: dict[str, dict]) -> dict[str, Tensor]:
+def dequantize_state_dict(qstate):
     return {name: (e["q"].float() * e["scale"].float()[:, None]) if e["bits"] else e["data"].float()
             for name, e in qstate.items()}
 
 
-def shuffle_bytes(raw: bytes, itemsize: int) -> bytes:
-    """Byte planes (all first bytes, then all second bytes, ...): exponent bytes compress well together."""
+def shuffle_bytes(raw, itemsize):
+    """Byte planes (all first bytes, then all second bytes...): exponent bytes compress well together."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
 
 
-def unshuffle_bytes(raw: bytes, itemsize: int) -> bytes:
+def unshuffle_bytes(raw, itemsize):
     return np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes() if itemsize > 1 else raw
 
 
-def serialize_quantized(qstate: dict[str, dict]) -> bytes:
+def serialize_quantized(qstate):
     arrays = [(name, key, e[key]) for name, e in qstate.items() for key in (("q", "scale") if e["bits"] else ("data",))]
     arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8 weights, then fp16 scales, then the rest
     header, chunks, offset = {n: dict(bits=e["bits"], arrays={}) for n, e in qstate.items()}, [], 0
@@ -1750,15 +1634,13 @@ def serialize_quantized(qstate: dict[str, dict]) -> bytes:
     return BLOB_MAGIC + struct.pack("<I", len(head)) + head + b"".join(chunks)
 
 
-def deserialize_quantized(blob: bytes) -> dict[str, dict]:
-    """Parse and validate the layout: every field is checked before a byte is read, and every
-    weight after, so a crafted header or a damaged payload is refused, never loaded."""
+def deserialize_quantized(blob):
+    """Parse and validate the layout: every field before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
     try:
-        header = json.loads(blob[8:8 + hlen])
-        payload = memoryview(blob)[8 + hlen:]
+        header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
         return {name: parse_tensor_entry(name, entry, payload) for name, entry in header["tensors"].items()}
     except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, DataError):
@@ -1766,7 +1648,7 @@ def deserialize_quantized(blob: bytes) -> dict[str, dict]:
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
 
 
-def parse_tensor_entry(name: str, entry: dict, payload: memoryview) -> dict:
+def parse_tensor_entry(name, entry, payload):
     bits = entry["bits"]
     if not (bits is None or (type(bits) is int and 2 <= bits <= 8)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
@@ -1810,10 +1692,8 @@ def _codecs():
     return codecs
 
 
-def compress_artifact(blob: bytes, compressor: str, level: int) -> bytes:
-    """ARTIFACT_MAGIC + codec id + CRC-32 of (codec id + compressed blob) + compressed blob; `auto`
-    keeps the smallest of the available codecs. The CRC refuses every single-bit flip and every
-    truncation, which decompressors alone do not (most flips would load as other weights)."""
+def compress_artifact(blob, compressor, level):
+    """ARTIFACT_MAGIC + codec id + CRC-32 of (id + blob: decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1823,7 +1703,7 @@ def compress_artifact(blob: bytes, compressor: str, level: int) -> bytes:
     return ARTIFACT_MAGIC + body[:1] + struct.pack("<I", zlib.crc32(body)) + body[1:]
 
 
-def decompress_artifact(data: bytes) -> bytes:
+def decompress_artifact(data):
     if data[:4] == b"PGA2":
         raise DataError("artifact made by an older version of this script (no checksum): "
                         "re-export it with QUANT_ONLY=final_model.pt")
@@ -1843,7 +1723,7 @@ def decompress_artifact(data: bytes) -> bytes:
         raise DataError(f"artifact is truncated or corrupt ({name}: {exc})") from None
 
 
-def load_artifact(path, model: nn.Module) -> None:
+def load_artifact(path, model):
     """Read, validate, dequantize and load an artifact into `model` (shapes must match)."""
     state = dequantize_state_dict(deserialize_quantized(decompress_artifact(Path(path).read_bytes())))
     expected = model.state_dict()
@@ -1859,9 +1739,8 @@ class ArtifactOverCap(Exception):
 FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of the range of the least that fits
 
 
-def build_artifact(qstate: dict[str, dict], args, code_bytes: int, log) -> tuple[bytes, dict[str, dict]]:
-    """Compress at PRUNE_FRAC; if code + artifact exceeds ARTIFACT_CAP, prune the least extra fraction
-    that fits (bisection on the compressed size). Returns the artifact and the state it holds."""
+def build_artifact(qstate, args, code_bytes, log):
+    """(artifact, its state) at PRUNE_FRAC, or at the least pruning (bisection) that fits code + artifact in the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1889,7 +1768,7 @@ def build_artifact(qstate: dict[str, dict], args, code_bytes: int, log) -> tuple
 # TRAINING
 # -----------------------------------------------------------------------------
 
-def build_optimizers(model: GPT, args, fused: bool):
+def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
     matrices = [p for n, p in model.named_parameters()
                 if p.ndim == 2 and not any(n.startswith(e) for e in EMBED_NAMES) and not n.startswith("lm_head")
@@ -1909,9 +1788,8 @@ def build_optimizers(model: GPT, args, fused: bool):
     return optimizers + [muon], muon
 
 
-def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: int, device, seq_len: int = 0) -> Tensor:
-    """Gradients of the mean loss over grad_accum_steps micro-batches (a DDP model syncs them on the
-    last); returns the mean loss, on the device."""
+def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
+    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss, on the device."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
@@ -1924,7 +1802,7 @@ def forward_backward(model, loader, args, grad_accum_steps: int, local_tokens: i
     return total
 
 
-def optimizer_step(base_model: nn.Module, optimizers, muon, args, step: int, scale: float) -> None:
+def optimizer_step(base_model, optimizers, muon, args, step, scale):
     frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
     for g in muon.param_groups:
         g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1938,35 +1816,35 @@ def optimizer_step(base_model: nn.Module, optimizers, muon, args, step: int, sca
         opt.zero_grad(set_to_none=True)
 
 
-def lr_scale(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
-    """1 until the warmdown, then linear to 0 at ITERATIONS or, with a wallclock cap, at the cap
-    (the warmdown length in time estimated from the mean step time so far)."""
+def lr_scale(args, step, elapsed_ms, cap_ms):
+    """1, then in the warmdown linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
-        return max(args.min_lr, min(1.0, max(args.iterations - step, 0) / args.warmdown_iters))
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    return max(args.min_lr, min(1.0, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)))
+        left = max(args.iterations - step, 0) / args.warmdown_iters
+    else:
+        left = max(cap_ms - elapsed_ms, 0.0) / max(args.warmdown_iters * elapsed_ms / max(step, 1), 1e-9)
+    return max(args.min_lr, min(1.0, left))
 
 
-def train_progress(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+def train_progress(args, step, elapsed_ms, cap_ms):
     return step / max(args.iterations, 1) if cap_ms is None else elapsed_ms / cap_ms
 
 
-def seq_len_schedule(args) -> list[tuple[int, float]]:
-    """[(length, until progress), ...], TRAIN_SEQ_LEN last, until the end."""
+def seq_len_schedule(args):
+    """[(length, until progress), ...], ending with TRAIN_SEQ_LEN until the end."""
     items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
     return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
 
 
-def graph_variants(args) -> list[tuple[int, int]]:
-    """Every (loop passes, training length) that training runs: each is one compiled graph, primed in warm-up."""
+def graph_variants(args):
+    """Every (loop passes, training length) training runs: one compiled graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
-def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len: int, log) -> int:
-    """Set the depth loop and Muon's weight decay for this step's progress; returns its training length."""
+def apply_schedules(model, muon, args, step, progress, seq_len, log):
+    """Set the depth loop and Muon's weight decay for this progress; returns the training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
         for g in muon.param_groups:
@@ -1982,10 +1860,8 @@ def apply_schedules(model: GPT, muon, args, step: int, progress: float, seq_len:
     return new_len
 
 
-def ema_decay(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
-    """EMA_DECAY, or with EMA_HALF_LIFE_FRAC the decay whose half-life is that fraction of the expected steps
-    (ITERATIONS, or fewer if the mean step time so far runs out the wallclock cap first): a short run
-    is never exported as a blend with its initialization."""
+def ema_decay(args, step, elapsed_ms, cap_ms):
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: a short run is no blend with its init."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1993,15 +1869,15 @@ def ema_decay(args, step: int, elapsed_ms: float, cap_ms: float | None) -> float
 
 
 class WeightAverager:
-    """EMA in fp32 after every step; optional tight SWA of late (EMA) weights."""
+    """EMA in fp32 after every step; optional SWA of late (EMA) weights."""
 
-    def __init__(self, model: nn.Module, args):
+    def __init__(self, model, args):
         self.args, self.model = args, model
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
-    def update(self, step: int, scale: float, decay: float) -> None:
+    def update(self, step, scale, decay):
         state = self.model.state_dict()
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
@@ -2014,7 +1890,7 @@ class WeightAverager:
                     self.swa[k].add_(v)
             self.swa_count += 1
 
-    def final(self) -> tuple[str, dict[str, Tensor]]:
+    def final(self):
         if self.swa is not None:
             return f"swa({self.swa_count}{',ema' if self.ema is not None and self.args.swa_from_ema else ''})", \
                 {k: v / self.swa_count for k, v in self.swa.items()}
@@ -2028,16 +1904,16 @@ class Logger:
 
     path: str | None = None
 
-    def open(self, path: str | None) -> "Logger":
+    def open(self, path):
         self.path = path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         return self
 
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if console and self.path:
-            print(msg, flush=True)
+    def __call__(self, msg, console=True):
         if self.path:
+            if console:
+                print(msg, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 print(msg, file=f)
 
@@ -2046,10 +1922,9 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small device tensor on its way to the host, copied behind the work queued so far: reading
-    it a step later waits for that step only, never for the step in flight."""
+    """A small device tensor copied to the host behind the queued work: read a step later, it never waits."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t):
         self.event = None
         if t.is_cuda:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -2059,21 +1934,17 @@ class HostCopy:
         else:
             self.host = t.clone()
 
-    def get(self) -> list:
+    def get(self):
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
 
 
 class Trainer:
-    """The training loop and everything it changes: weights, optimizer state, the data position,
-    the averager, the step and the training time. A checkpoint holds all of it, one file per rank
-    (Muon keeps each matrix's momentum on the rank that orthogonalizes it), so a resumed run
-    continues exactly where the interrupted one stopped. SIGTERM / SIGINT stop every rank at the
-    same step and save a checkpoint; so does any failure once training has begun."""
+    """The training loop and all it changes, saved in a checkpoint per rank (Muon keeps momenta on the rank
+    using them) so that a resumed run continues exactly; SIGTERM / SIGINT stop all ranks at one step."""
 
-    def __init__(self, args, base_model: nn.Module, model: nn.Module, qat_layers, device, rank: int,
-                 world_size: int, grad_accum_steps: int, log):
+    def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
         self.device, self.rank, self.world_size, self.grad_accum_steps, self.log = device, rank, world_size, grad_accum_steps, log
         self.local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
@@ -2085,17 +1956,17 @@ class Trainer:
         self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
         self.checkpoint_dir = Path("checkpoints") / args.run_id
 
-    def sync(self) -> None:
+    def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(self, step: int, scale: float, seq_len: int) -> Tensor:
+    def train_step(self, step, scale, seq_len):
         loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device,
                                 seq_len)
         optimizer_step(self.base_model, self.optimizers, self.muon, self.args, step, scale)
         return loss
 
-    def warmup(self) -> None:
+    def warmup(self):
         """Compile and prime every path, then restore the initial weights, optimizer state and data."""
         if self.args.warmup_steps <= 0:
             return
@@ -2112,13 +1983,13 @@ class Trainer:
         self.loader.stream.seek(0, 0)
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self):
         return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                     ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
                     data=(self.loader.stream.file_idx, self.loader.stream.pos), step=self.step, train_ms=self.train_ms,
                     qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
 
-    def save(self, why: str) -> None:
+    def save(self, why):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
         if self.rank == 0:
@@ -2126,7 +1997,7 @@ class Trainer:
         self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} (weights, optimizer state, data "
                  f"position, averager) and the averaged weights as final_model.pt; continue with RESUME={self.checkpoint_dir}")
 
-    def resume(self, path: str) -> None:
+    def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
         if not file.is_file():
             raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
@@ -2146,14 +2017,14 @@ class Trainer:
             refresh_qat(self.qat_layers, clip_ratios(self.args))
         self.log(f"resume: {path} step:{self.step} train_time:{self.train_ms:.0f}ms")
 
-    def on_signal(self, signum, frame) -> None:
+    def on_signal(self, signum, frame):
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
 
     # --- the loop --------------------------------------------------------------------------------
-    def run(self, evaluate) -> None:
-        """Train until ITERATIONS or the wallclock cap (or a signal), validating every VAL_LOSS_EVERY steps."""
+    def run(self, evaluate):
+        """Train until ITERATIONS, the wallclock cap or a signal, validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
@@ -2213,9 +2084,8 @@ class Trainer:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    def act_on(self, done_step: int, flags: list[float], step: int, stop_after_step):
-        """A finished step's [loss sum, ranks at the cap, ranks signalled]: stop on a non-finite loss,
-        stop after this step at the cap or on a signal."""
+    def act_on(self, done_step, flags, step, stop_after_step):
+        """A finished step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
@@ -2226,11 +2096,11 @@ class Trainer:
         return step if (capped or signalled) and stop_after_step is None else stop_after_step
 
 
-def config_dict(args) -> dict:
+def config_dict(args):
     return {k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}
 
 
-def require_packages(args) -> None:
+def require_packages(args):
     for name in ("sentencepiece", "zstandard") + (("brotli",) if args.compressor == "brotli" else ()):
         try:
             __import__(name)
@@ -2239,7 +2109,7 @@ def require_packages(args) -> None:
 
 
 def load_tokenizer_tables(args, device, log):
-    """What counts val_bpb's bytes: the byte sidecars or the sentencepiece tables, after checking VOCAB_SIZE."""
+    """What counts val_bpb's bytes (validation_byte_source), after checking VOCAB_SIZE."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2250,26 +2120,20 @@ def load_tokenizer_tables(args, device, log):
                         "download it again or set TOKENIZER_PATH") from None
     if int(sp.vocab_size()) != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
-    # A CaseOps byte sidecar replaces the tables.
     return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
 
 
-def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code: str, label: str, pre_quant_bpb: float,
-                     device, world_size: int, log) -> None:
-    """Quantize (GPTQ calibration counts as training time: it reads training data), compress, fit
-    the cap, write the artifact, load it back and score exactly what was written."""
+def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
+    """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
-    t = time.perf_counter()
-    hessians = None
-    if args.quant_method == "gptq":
-        hessians = collect_hessians(base_model, calib_batches, args, device, world_size)
+    t, gptq = time.perf_counter(), args.quant_method == "gptq"
+    hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
     qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
     quant_s = time.perf_counter() - t
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
         + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
-    code_bytes = len(code.encode("utf-8"))
-    artifact = f"final_model.{label.split('_')[0]}.ptz"
+    code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)
     except ArtifactOverCap as exc:
@@ -2291,28 +2155,26 @@ def export_and_score(args, base_model: nn.Module, calib_batches, evaluate, code:
     final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size)
 
 
-def main() -> None:
-    code = Path(__file__).read_text(encoding="utf-8")
-    args = Hyperparameters()
+def main():
+    code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
     # Distributed + device setup; the configuration is checked before anything is read or built.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    warnings = misspelt_env_warnings()
+    local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
     if rank == 0:
         for w in warnings:
             print(w, file=sys.stderr)
     grad_accum_steps = args.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
     validate_config(args, world_size, grad_accum_steps)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
@@ -2329,15 +2191,14 @@ def main() -> None:
     log(code, console=False)
     log("=" * 100, console=False)
     log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} device:{device.type}", console=False)
-    if device.type == "cuda":
+    if cuda:
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
         log(f"gpus:{world_size}x {torch.cuda.get_device_name(device)}")
     log("config " + json.dumps(config_dict(args), sort_keys=True))
     for w in warnings:
         log(w, console=False)
 
-    # Tokenizer and data checks, before any compute.
-    luts = load_tokenizer_tables(args, device, log)
+    luts = load_tokenizer_tables(args, device, log)  # tokenizer and data checks, before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now
@@ -2348,13 +2209,13 @@ def main() -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    act_dtype = torch.bfloat16 if cuda else torch.float32
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
     torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if device.type == "cuda" and args.compile else base_model
-    model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if cuda and args.compile else base_model
+    model = DDP(compiled, device_ids=[local_rank] if cuda else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
     log(f"attention_backend:{backend} compile:{compiled is not base_model} act_dtype:{str(act_dtype).removeprefix('torch.')}")
@@ -2367,7 +2228,7 @@ def main() -> None:
 
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
-    def evaluate(mode: str, tokens: Tensor | None = None, audit: bool = False):
+    def evaluate(mode, tokens=None, audit=False):
         """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
@@ -2413,9 +2274,8 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def final_evaluation(label: str, evaluate, log, args, pre_quant_bpb: float | None, world_size: int = 1) -> None:
-    """Score the loaded (round-tripped) model with every FINAL_EVAL mode, each audited first on a
-    random stream (a mode that fails gives no score). The greppable final lines."""
+def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
+    """Score the loaded model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
