@@ -26,11 +26,18 @@ CHOICES = {
     "VE_ENABLED": ["0", "1", "yes"], "XSA_LAST_N": ["-1", "0", "2", "99"], "TRAIN_BATCH_TOKENS": ["0", "64", "100", "-64"],
     "GRAD_ACCUM_STEPS": ["0", "-1", "1", "3"], "LOGIT_SOFTCAP": ["0", "-5", "30", "inf"], "EMA_DECAY": ["0", "0.9", "1", "-0.1", "nan"],
     "ATTN_BITS": ["1", "4", "6", "9", "16"], "QUANT_CLIP_RATIOS": ["1.0", "", "0", "2", "a"], "GPTQ_BLOCK_SIZE": ["0", "-1", "16"],
-    "MATRIX_LR": ["0.02", "-1", "nan", "inf"], "MUON_BACKEND_STEPS": ["0", "-1", "5"], "MUON_NS_COEFFS": ["1,2", "3.4,-4.7,2.0", "a,b,c"],
+    "MATRIX_LR": ["0.02", "-1", "nan", "inf"], "MUON_BACKEND_STEPS": ["0", "-1", "5"], "MUON_NS_COEFFS": ["1,2", "3.4,-4.7,2.0", "a,b,c", "polar"],
     "WARMDOWN_ITERS": ["-5", "0", "10"], "ITERATIONS": ["-1", "0", "1"], "TTT_LORA_RANK": ["0", "4"], "TTT_LORA_CHUNK": ["0", "4", "99"],
     "NGRAM_ORDER": ["0", "1", "9"], "FINAL_EVAL": ["roundtrip", "", "bogus", "lora+ngram", "ttt+tilt"], "SWA_EVERY": ["0", "5"],
     "GRAD_CLIP_NORM": ["-1", "0", "0.3"], "TIE_EMBEDDINGS": ["0", "1"], "COMPRESSOR": ["zstd", "gzip"], "ARTIFACT_CAP": ["0", "-1", "16000000"],
     "ROPE_BASE": ["0", "-10", "10000"], "QK_GAIN_INIT": ["0", "1.5"], "VAL_BATCH_SIZE": ["0", "512"],
+    # The April stack's settings.
+    "PRESET": ["seeds", "top", "naive_baseline", "best"], "LOOP_LAYERS": ["", "0-1", "1", "1-0", "0-9", "x"],
+    "LOOP_REPEATS": ["0", "1", "2"], "LOOP_START_FRAC": ["0", "0.5", "1", "-1"], "PARALLEL_FROM": ["0", "1", "9", "-1"],
+    "ATTN_GATE_DIMS": ["0", "4", "999", "-1"], "SEQ_LEN_SCHEDULE": ["", "8:0.5", "8:1.5", "7:0.5", "32:0.5", "a"],
+    "MUON_ROW_NORM": ["0", "1"], "NORMUON": ["0", "1"], "NORMUON_BETA2": ["0.95", "1", "-1"], "MIN_LR": ["0", "0.1", "1"],
+    "EMA_HALF_LIFE_FRAC": ["0", "0.04", "-1"], "MUON_WD_TAPER_START": ["1", "0.5", "2"], "EMBED_CLIP_SIGMAS": ["0", "20", "-1"],
+    "EMBED_GPTQ": ["0", "1"],
 }
 
 class RandomLoader:
@@ -50,7 +57,10 @@ def one_step_smoke(args):
     qat = tg.prepare_qat(model, args) if args.late_qat_threshold > 0 else []
     tg.select_attention(args.attn_backend, torch.device("cpu"))
     optimizers, muon = tg.build_optimizers(model, args, fused=False)
-    loss = tg.forward_backward(model, RandomLoader(args.vocab_size), args, accum, args.train_batch_tokens // accum, torch.device("cpu"))
+    model.loop_passes, seq_len = tg.graph_variants(args)[0]  # the shortest length (a schedule's first)...
+    model.loop_passes = tg.graph_variants(args)[-1][0]  # ...with the depth loop on, if there is one
+    loss = tg.forward_backward(model, RandomLoader(args.vocab_size), args, accum, args.train_batch_tokens // accum,
+                               torch.device("cpu"), seq_len)
     tg.optimizer_step(model, optimizers, muon, args, 0, tg.lr_scale(args, 0, 0.0, None))
     tg.refresh_qat(qat, tg.clip_ratios(args))
     assert torch.isfinite(loss), loss
