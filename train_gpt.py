@@ -254,12 +254,12 @@ def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
-            out.append(f"WARNING: env {name} is not a setting: settings are upper case, did you mean {name.upper()}? (ignored)")
+            out.append(f"WARNING: env {name} ignored: settings are upper case, did you mean {name.upper()}?")
         if name in KNOWN_ENV or name in FOREIGN_ENV or not name.isupper():
             continue
         close = difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)
         if close:
-            out.append(f"WARNING: env {name} is not a setting; did you mean {close[0]}? (ignored)")
+            out.append(f"WARNING: env {name} ignored: not a setting, did you mean {close[0]}?")
     return out
 
 
@@ -316,7 +316,7 @@ def check_ranges(args):
     err += [f"{n}={value(n)} must be in [0, 1)" for n in BELOW_1 if not 0 <= value(n) < 1]
     err += [f"{n}={value(n)} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value(n) not in c]
     if args.vocab_size < 4:
-        err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are the tokenizer's special pieces)")
+        err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are special)")
     return err
 
 
@@ -336,8 +336,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if args.rope_dims % 2 or not 0 < args.rope_dims <= head_dim:
             err.append(f"ROPE_DIMS={args.rope_dims} must be even and in 2..head dim {head_dim}")
     if 8 % world_size and not args.grad_accum_steps:
-        err.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation keeps the 8-GPU batch), "
-                   "or set GRAD_ACCUM_STEPS")
+        err.append(f"WORLD_SIZE={world_size} must divide 8, or set GRAD_ACCUM_STEPS")
     elif grad_accum_steps < 1 or args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
         err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by WORLD_SIZE x "
                    f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
@@ -361,15 +360,14 @@ def validate_config(args, world_size, grad_accum_steps):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             err.append(f"{name.upper()}={getattr(args, name)}: no such file")
     if args.resume and not os.path.isdir(args.resume):
-        err.append(f"RESUME={args.resume}: no such checkpoint folder (an interrupted run saves checkpoints/<RUN_ID>)")
+        err.append(f"RESUME={args.resume}: no such checkpoint folder (a run saves checkpoints/<RUN_ID>)")
     modes = final_modes(args)
     bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
     if bad or not modes:
         err.append(f"FINAL_EVAL={args.final_eval}: each mode must be one of {', '.join(NETWORK_MODES)}, "
                    "optionally followed by +ngram")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
-        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}: "
-                   "a window must hold the whole chunk it scores")
+        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}")
     if args.ttt_freeze_blocks > args.num_layers:
         err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
@@ -398,7 +396,7 @@ def validate_config(args, world_size, grad_accum_steps):
             raise ValueError
     except ValueError:
         err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
-                   f"each LEN <= TRAIN_SEQ_LEN dividing the {local}-token micro-batch")
+                   f"each LEN <= TRAIN_SEQ_LEN dividing {local}")
     if err:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
 
@@ -629,22 +627,22 @@ def load_validation_bytes(pattern):
     """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin); None if there are none."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
-        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
-                        "read as tokens. Export the data again with `data/export_shards.py --caseops`")
+        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
+                        "with `data/export_shards.py --caseops`")
     sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_valbytes_", 1))
                 for f in shards]
     present = [os.path.isfile(f) for f in sidecars]
     if not any(present):
         return None
     if not all(present):
-        raise DataError(f"{sidecars[present.index(False)]} is missing: every val shard needs its byte sidecar, "
-                        "or none may have one. Export the dataset again")
+        raise DataError(f"{sidecars[present.index(False)]} is missing (all val shards or none have one): "
+                        "export the dataset again")
     counts = []
     for shard, sidecar in zip(shards, sidecars):
         counts.append(load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
         if len(counts[-1]) != int(np.fromfile(shard, dtype="<i4", count=3)[2]):
-            raise DataError(f"{sidecar} has {len(counts[-1])} counts but {shard} has a different number of "
-                            "tokens: they come from different exports. Export the dataset again")
+            raise DataError(f"{sidecar} has {len(counts[-1])} counts, {shard} another token count: "
+                            "export the dataset again")
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))  # aligned with load_validation_tokens
 
 
@@ -656,8 +654,8 @@ def validation_byte_source(args, sp, luts, log):
             f"bytes:{int(val_bytes[1:].sum())}")
         return val_bytes
     if is_caseops_tokenizer(sp):
-        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no "
-                        "fineweb_valbytes_* byte sidecars: export the data with `data/export_shards.py --caseops`")
+        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no byte sidecars: "
+                        "export the data with `data/export_shards.py --caseops`")
     log("val_bytes:source=sentencepiece_luts")
     return luts
 
@@ -1031,8 +1029,8 @@ class ScoreSheet:
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
         if not math.isfinite(nats):
-            raise EvalError(f"the validation loss is {nats}: the model gives non-finite probabilities. "
-                            "No score; check the training log for divergence and the artifact for damage")
+            raise EvalError(f"the validation loss is {nats} (non-finite probabilities): check the training log "
+                            "and the artifact")
         return nats / nbytes.numel(), nats / (math.log(2) * nbytes.sum().item())
 
 
@@ -1415,8 +1413,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         problems.append("a loss or a scored distribution is not finite")
     if not noise <= AUDIT_MAX_NOISE:
         problems.append(f"the mode is not repeatable: scoring the same tokens twice moved a loss by {noise:.2e} "
-                        f"nats (> {AUDIT_MAX_NOISE}): state kept between evaluations, or kernels too "
-                        "nondeterministic for the audit to see a leak")
+                        f"nats (> {AUDIT_MAX_NOISE}): state kept between runs, or nondeterministic kernels")
     if not leak <= 4 * max(noise, batch_noise) + 1e-6:
         problems.append(f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed")
     if not mismatch <= tol:
@@ -1437,7 +1434,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
             problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were when "
                             f"{int(redrawn.sum())} of {len(starts)} others were redrawn")
     if problems:
-        raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit and cannot give a score: " + "; ".join(problems))
+        raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit: " + "; ".join(problems))
     log(f"eval_audit:{mode} ok tokens:{n} docs:{int((tokens == BOS_ID).sum())} causal_diff:{leak:.1e} "
         f"noise:{noise:.1e} batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
         f"time:{time.perf_counter() - t0:.1f}s")
@@ -1659,7 +1656,7 @@ def parse_tensor_entry(name, entry, payload):
     for key, a in entry["arrays"].items():
         dtype, shape, off, n = DTYPES[a["dtype"]], a["shape"], a["offset"], a["nbytes"]
         if not all(type(v) is int and v >= 0 for v in (*shape, off, n)):
-            raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off} and size {n} must be integers >= 0")
+            raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off}, size {n}: not integers >= 0")
         if off + n > len(payload) or n != math.prod(shape) * dtype.itemsize:
             raise DataError(f"artifact tensor {name}.{key} extends past the payload or has a wrong size")
         raw = unshuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize)
@@ -1667,7 +1664,7 @@ def parse_tensor_entry(name, entry, payload):
     if bits:
         q, scale, qmax = e["q"], e["scale"], 2 ** (bits - 1) - 1
         if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float16 or scale.shape != q.shape[:1]:
-            raise DataError(f"artifact tensor {name}: int8 q of shape (rows, cols) and fp16 scale of shape (rows,) expected")
+            raise DataError(f"artifact tensor {name}: int8 q (rows, cols) and fp16 scale (rows,) expected")
         if q.numel() and int(q.abs().max()) > qmax:
             raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
     elif not e["data"].is_floating_point():
@@ -1715,7 +1712,7 @@ def decompress_artifact(data):
                         "copy it again or re-export it")
     codecs = {cid: (name, dec) for name, (cid, _, dec) in _codecs().items()}
     if data[4] not in codecs:
-        raise DataError(f"artifact uses codec id {data[4]}, which is not installed or unknown")
+        raise DataError(f"artifact codec id {data[4]} is unknown or not installed")
     name, decompress = codecs[data[4]]
     try:
         return decompress(data[9:])
@@ -1752,7 +1749,7 @@ def build_artifact(qstate, args, code_bytes, log):
     lo, hi = args.prune_frac, args.fit_max_prune_frac
     best = make(hi)
     if len(best[0]) + code_bytes > args.artifact_cap:
-        raise ArtifactOverCap(f"even pruning {hi:.0%} of the quantized weights leaves {len(best[0]) + code_bytes} bytes")
+        raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {len(best[0]) + code_bytes} bytes")
     for _ in range(FIT_SEARCH_STEPS):
         mid = (lo + hi) / 2
         trial = make(mid)
@@ -1994,19 +1991,19 @@ class Trainer:
         torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(self.averager.final()[1], "final_model.pt")
-        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} (weights, optimizer state, data "
-                 f"position, averager) and the averaged weights as final_model.pt; continue with RESUME={self.checkpoint_dir}")
+        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} and final_model.pt; "
+                 f"continue with RESUME={self.checkpoint_dir}")
 
     def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
         if not file.is_file():
-            raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
+            raise DataError(f"RESUME={path}: no {file.name}: resume with as many processes as saved it")
         st = torch.load(file, map_location=self.device, weights_only=True)
         if st["world_size"] != self.world_size:
             raise DataError(f"RESUME={path} was saved by {st['world_size']} processes, not {self.world_size}")
         changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))
         if changed:
-            self.log(f"WARNING: resuming with settings changed since the checkpoint: {', '.join(changed)}")
+            self.log(f"WARNING: settings changed since the checkpoint: {', '.join(changed)}")
         self.base_model.load_state_dict(st["model"])
         for opt, o in zip(self.optimizers, st["optimizers"]):
             opt.load_state_dict(o)
@@ -2088,8 +2085,8 @@ class Trainer:
         """A finished step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
-            self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
-                     "Lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data.")
+            self.log(f"error: non-finite training loss ({loss}) at step {done_step}: lower MATRIX_LR, SCALAR_LR, "
+                     "TIED_EMBED_LR or check the data")
             raise SystemExit(4)
         if signalled and self.signal is None:
             self.signal = signal.SIGTERM  # another rank was signalled
@@ -2132,13 +2129,13 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     quant_s = time.perf_counter() - t
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
-        + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
+        + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else ""))
     code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)
     except ArtifactOverCap as exc:
-        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}. final_model.pt is kept; "
-            "shrink the model, lower ATTN_BITS/MLP_BITS/EMBED_BITS, or re-quantize with QUANT_ONLY=final_model.pt.")
+        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}: lower ATTN_BITS/MLP_BITS/"
+            "EMBED_BITS and re-quantize with QUANT_ONLY=final_model.pt")
         raise SystemExit(3)
     if master:
         Path(artifact).write_bytes(data)
@@ -2243,7 +2240,7 @@ def main():
             try:
                 base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
             except Exception as exc:
-                raise DataError(f"QUANT_ONLY={args.quant_only} is not a checkpoint of this configuration: {exc}") from None
+                raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this configuration: {exc}") from None
             source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         else:
             trainer = Trainer(args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log)
