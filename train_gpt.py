@@ -42,11 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------------------------------------------------------
 
 KNOWN_ENV: dict[str, object] = {}
-ENV_ERRORS: list[str] = []  # unparsable values, reported with the other configuration errors
+ENV_ERRORS: list[str] = []  # unparsable values
 
 
 class ConfigError(ValueError):
-    """An impossible or inconsistent setting: reported before any compute."""
+    """An impossible setting: reported before any compute."""
 
 
 class DataError(ValueError):
@@ -54,7 +54,7 @@ class DataError(ValueError):
 
 
 def env(name, default):
-    """Env var `name` parsed as the type of `default` (the PRESET's, if it sets one); registered as a setting."""
+    """Env var `name` as the type of `default` (the PRESET's, if set); registered as a setting."""
     default = PRESETS.get(PRESET, {}).get(name, default)
     KNOWN_ENV[name] = default
     raw = os.environ.get(name)
@@ -77,8 +77,7 @@ def S(full, smoke):
     return smoke if SMOKE else full
 
 
-# PRESET sets defaults (an explicit env var wins; SMOKE keeps its shape): seeds = the March stack;
-# naive_baseline = the official baseline (orthogonal init and zstd stay); top = the April stack (see README).
+# PRESET sets defaults only: README "Presets and the April stack".
 PRESETS["naive_baseline"] = dict(
     MLP_MULT=2.0, LEAKY_RELU_SLOPE=0.0, LN_SCALE=False, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0, SMEAR_ENABLED=False,
     VE_ENABLED=False, MATRIX_LR=0.04, SCALAR_LR=0.04, TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95,
@@ -158,7 +157,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     adam_eps = env("ADAM_EPS", 1e-8)
     grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
 
-    # Weight averaging: EMA every step; SWA of late checkpoints (of the EMA by default).
+    # Weight averaging.
     ema_enabled = env("EMA_ENABLED", True)
     ema_decay = env("EMA_DECAY", S(0.997, 0.9))
     swa_enabled = env("SWA_ENABLED", False)
@@ -189,7 +188,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     quant_only = env("QUANT_ONLY", "")
     resume = env("RESUME", "")
 
-    # Evaluation. The FINAL_EVAL modes run in order; the last one gives the score.
+    # Evaluation. The last FINAL_EVAL mode gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # Per TTT mode, scoring included; 0: no limit. 400 s leaves the other passes room in 600 s (estimated).
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
@@ -214,7 +213,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
     ngram_chunk = env("NGRAM_CHUNK", 512)
 
-    # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
+    # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / wallclock cap.
     preset = env("PRESET", "seeds")
     loop_layers = env("LOOP_LAYERS", "")
     loop_repeats = env("LOOP_REPEATS", 2)
@@ -306,7 +305,6 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
 
 
 def check_ranges(args):
-    """Every float finite; every setting in its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
            if isinstance(d, float) and not math.isfinite(value(n))]
@@ -406,7 +404,7 @@ def validate_config(args, world_size, grad_accum_steps):
 # Momentum, then each matrix update orthogonalized by Newton-Schulz iterations, shared out across ranks.
 # -----------------------------------------------------------------------------
 
-# Polar Express (Amsel et al. 2025): a quintic per iteration, each optimal for the spectrum left by the last.
+# Polar Express (Amsel et al. 2025): per iteration a quintic optimal for the spectrum left by the last.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -415,12 +413,11 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def ns_coefficients(spec):
-    """MUON_NS_COEFFS: "a,b,c" for every iteration, or "polar"."""
     return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """U V^T of G = U S V^T, approximately; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
+    """~U V^T of G = U S V^T; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -443,10 +440,10 @@ class Muon(torch.optim.Optimizer):
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
     def orthogonalize(self, p, g, group):
-        if self.row_norm:  # MuonEq-R: every row (output neuron) of the update enters with unit norm
+        if self.row_norm:  # MuonEq-R: unit-norm rows
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
-        if self.normuon_beta2:  # NorMuon: divide each row by its running RMS, then restore the update's norm
+        if self.normuon_beta2:  # NorMuon: rows over their running RMS, the update's norm kept
             g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
             v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
             n = g.norm()
@@ -515,7 +512,7 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(is_boundary, device=device))
 
 
-# CaseOps controls (data/caseops.py): such a tokenizer's tables count transformed text; its sidecars the original.
+# CaseOps controls (data/caseops.py): its tables count transformed text, its byte sidecars the original.
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -524,7 +521,7 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar (per token)."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -544,7 +541,7 @@ VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
-    """Check a shard's header and size, reading no token; returns its token count."""
+    """The token count, from the checked header and size (no token read)."""
     path = str(path)
     size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
@@ -577,11 +574,9 @@ def shard_files(pattern, what):
 
 
 class TokenStream:
-    """The shards in order, forever, as contiguous token spans."""
-
     def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
-        for f in self.files:  # every header and size now: a bad shard found mid-run wastes the run up to it
+        for f in self.files:  # now: a bad shard found mid-run wastes the run up to it
             shard_token_count(f)
         self.seek(0, 0)
 
@@ -602,7 +597,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step, every rank takes its slice of one shared chunk (plus one token for targets)."""
+    """Each micro-step, every rank takes its slice of one shared chunk (+1 token for targets)."""
 
     def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
@@ -624,7 +619,7 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin); None if there are none."""
+    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin), or None."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
@@ -647,7 +642,7 @@ def load_validation_bytes(pattern):
 
 
 def validation_byte_source(args, sp, luts, log):
-    """The byte sidecars, else the tables: refused for CaseOps, whose tables count the transformed text."""
+    """The byte sidecars, else the tables (refused for CaseOps)."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -672,8 +667,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights, computed in the activation dtype. Late QAT: the buffer `qat_delta` (compiled graphs
-    read a buffer's current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
+    """fp32 weights, used in the activation dtype. Late QAT: buffer `qat_delta` (compiled graphs read a buffer's
+    current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -686,7 +681,7 @@ class CastedLinear(nn.Linear):
 
 
 def prepare_qat(model, args):
-    """Give every linear layer the export quantizes a zero QAT delta; returns those layers."""
+    """A zero QAT delta for every linear layer the export quantizes; returns those layers."""
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
@@ -706,7 +701,7 @@ SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if
 
 
 def select_attention(requested, device):
-    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request (sdpa_<kernel>: that kernel) must be met."""
+    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request must be met."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
@@ -777,7 +772,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
         self.rope_dims, self.xsa = args.rope_dims, xsa
-        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero-initialized, so it starts as the identity.
+        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init, the identity.
         self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
@@ -790,7 +785,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(T, x.device)
         q = apply_rotary(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain.to(x.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin, self.rope_dims)
-        # FlashAttention needs bf16/fp16 inputs exactly: nothing upstream may have promoted to fp32.
+        # FlashAttention needs bf16/fp16 inputs: undo any promotion to fp32.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -830,7 +825,7 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one by a learned per-dim gate; a BOS keeps its own."""
+    """Blend each position with the previous one by a per-dim gate; a BOS keeps its own."""
 
     def __init__(self, dim):
         super().__init__()
@@ -844,7 +839,7 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token."""
+    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous."""
 
     def __init__(self, size, dim, model_dim):
         super().__init__()
@@ -865,7 +860,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """One token embedding shared by several layers, added to their attention values."""
+    """A token embedding added to the attention values of several layers."""
 
     def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
@@ -892,7 +887,7 @@ class GPT(nn.Module):
         self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
-        self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
+        self.head_input = nn.Identity()  # GPTQ of tied embeddings hooks the head's inputs here
         self.loop_range = loop_range(args)
         self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
         self._init_weights(args)
@@ -905,7 +900,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
     def layer_order(self):
-        """Blocks in run order: with looping on, the loop range runs loop_passes times in a row."""
+        """Blocks in run order: the loop range runs loop_passes times."""
         order = list(range(len(self.blocks)))
         if self.loop_passes > 1:
             a, b = self.loop_range
@@ -930,13 +925,13 @@ class GPT(nn.Module):
                 skips[i] = x
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        if head_delta is not None:  # a per-document LoRA on the head (eval_lora)
+        if head_delta is not None:  # eval_lora's head adapter
             logits = logits + head_delta(x)
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward(self, ids, targets=None):
-        """Per-token cross-entropy in nats (B, T); the logits without targets."""
+        """Per-token loss in nats (B, T); the logits without targets."""
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -949,18 +944,18 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
-ISOLATED_MODES = ("lora",)  # modes that promise no information crosses a document start
-AUDIT_PROBES = 4  # random directions each scored distribution is projected on, for the audit
-AUDIT_MAX_NOISE = 1e-2  # nats: a mode whose repeated scores differ by more hides leaks in its noise
+ISOLATED_MODES = ("lora",)  # no information crosses a document start
+AUDIT_PROBES = 4  # random directions the audit projects each scored distribution on
+AUDIT_MAX_NOISE = 1e-2  # nats: a mode noisier than this hides leaks in its noise
 
 
 class EvalError(RuntimeError):
-    """A mode broke its contract (a target scored twice or never, a leak): no score."""
+    """A mode broke its contract (a target scored twice or never, a leak)."""
 
 
 @dataclass
 class Evaluation:
-    """What a mode needs: `model` (maybe compiled) scores; `base_model` is what TTT adapts and LoRA hooks."""
+    """`model` (maybe compiled) scores; TTT adapts and LoRA hooks `base_model`."""
     args: object
     model: nn.Module
     base_model: nn.Module
@@ -970,27 +965,26 @@ class Evaluation:
     log: object = print
 
     def share(self, n):
-        """This rank's contiguous part of n items."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
 
 @functools.lru_cache(maxsize=4)
 def audit_probes(vocab, device):
-    """(vocab, AUDIT_PROBES) fixed random directions: equal projections mean equal distributions."""
+    """(vocab, AUDIT_PROBES) fixed random directions."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each distribution's
-    fingerprint (on audit_probes), the loss read back from it and the worst normalization error."""
+    """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (on audit_probes), the loss
+    read back from it and the worst normalization error."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
-        self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)| of a scored distribution
-        self.net_nats = None  # the network's own losses, once a mixture has replaced `nats`
+        self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)|
+        self.net_nats = None  # the network's losses, once a mixture has replaced `nats`
 
     @torch.no_grad()
     def record(self, pos, logits, y):
@@ -1024,7 +1018,7 @@ class ScoreSheet:
                             f"(target {p} scored {int(self.hits[p])} times)")
 
     def result(self, tokens, luts):
-        """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
+        """(nats per token, val_bpb), once every target is checked scored once."""
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
@@ -1039,7 +1033,7 @@ def autocast_ctx(device):
 
 
 def window_plan(total, seq_len, stride):
-    """Window starts for `total` targets, and the first target each window scores."""
+    """Window starts for `total` targets, and each window's first scored target."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
@@ -1050,12 +1044,11 @@ def window_plan(total, seq_len, stride):
 
 @torch.no_grad()
 def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
-    """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
     offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
     for b in range(0, len(starts), batch):
         s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
-        pad = batch - len(s)  # repeat the last window, unscored: one shape, one compiled graph
+        pad = batch - len(s)  # the last window again, unscored: one shape, one graph
         s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
         win = tokens[s[:, None] + offsets].to(ev.device, non_blocking=True)
         pos = (s[:, None] + ar).to(ev.device)
@@ -1074,7 +1067,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left still covers scoring the rest."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left covers scoring the rest."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1087,7 +1080,7 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk's windows (by first scored target) are scored, then the model trains on it."""
+    """Score-first chunked TTT: a chunk's windows are scored, then the model trains on the chunk."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1114,7 +1107,7 @@ def eval_ttt(ev, tokens, sheet):
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
         t = time.perf_counter()
-        lo, hi = c * C, (c + 1) * C  # train on sequences whose targets all lie before hi: all scored by now
+        lo, hi = c * C, (c + 1) * C  # sequences with all targets before hi: scored already
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
@@ -1148,7 +1141,7 @@ def eval_ttt(ev, tokens, sheet):
 
 
 def doc_spans(tokens):
-    """Documents as target ranges [start, end): inputs start at a BOS; the last target is the next BOS."""
+    """Documents as target ranges [start, end): input from a BOS, up to the next BOS as target."""
     total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
@@ -1156,13 +1149,13 @@ def doc_spans(tokens):
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters per document on every attention's Q and V and the LM head; B starts at 0."""
+    """Per-document rank-r adapters on every Q, V and the LM head; B starts at 0."""
 
     def __init__(self, model, n_docs, rank, device):
         super().__init__()
         self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
         shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
-        g = torch.Generator().manual_seed(0)  # the same start for every document: scores do not depend on batching
+        g = torch.Generator().manual_seed(0)  # one start for every document: scores independent of batching
         self.A = nn.ParameterList((torch.randn(1, i, rank, generator=g) / math.sqrt(i)).repeat(n_docs, 1, 1).to(device)
                                   for i, _ in shapes)
         self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
@@ -1179,7 +1172,7 @@ class DocLoRA(nn.Module):
 
 
 def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT: each chunk scored, then trained on. Eager: the hooks change the graph."""
+    """Per-document score-first LoRA TTT. Eager: the hooks change the graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1206,7 +1199,7 @@ def eval_lora(ev, tokens, sheet):
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = (valid & (q >= q0)).to(device)
-            train = n > (i + 1) * C  # documents with chunks still to score: training the others changes no score
+            train = n > (i + 1) * C  # documents with chunks left to score: only they need training
             learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
@@ -1234,9 +1227,8 @@ def eval_lora(ev, tokens, sheet):
 
 
 class NgramMixer:
-    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below by
-    NGRAM_PRIOR, mixed with the network by weights per bin of its entropy that follow online EM: stable where Hedge
-    diverges, and unlike Hedge on each expert's loss no collapse onto one expert (records/BENCHMARKS.md)."""
+    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below,
+    mixed with the network by weights per entropy bin updated by online EM (not Hedge: records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1249,7 +1241,7 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens, V-padded)."""
+        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 pads or earlier tokens)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
@@ -1262,13 +1254,13 @@ class NgramMixer:
         return keys
 
     def expert_probs(self, keys, y, cand):
-        """(order, T, J): each order's probability of the candidates cand (T, J)."""
+        """(order, T, J): each order's probability of the candidates (T, J)."""
         T = len(y)
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
         p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
         for k, key in enumerate(keys):
             same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier targets of this chunk, same context
-            if cand.size(1) == 1:  # the scoring path: only the target's count
+            if cand.size(1) == 1:  # scoring: only the target's count
                 seen = (same * (y[None, :] == cand)).sum(1, keepdim=True)
             else:
                 seen = (same @ F.one_hot(y, self.V).float()).gather(1, cand)
@@ -1284,14 +1276,14 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; whole rows too with `audit` (network fp, row loss)."""
+        """Mixture loss of a chunk of targets, then the update; whole rows for an `audit` (net fp, row loss)."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:  # the network's rows are checked where they are scored (ScoreSheet.record)
+        if audit is not None:  # the network's own rows are checked in ScoreSheet.record
             net_fp, net_row_nats = audit
             rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
@@ -1299,7 +1291,7 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        share_y = w * p_y / mix[:, None]  # online EM: weights move towards each expert's share of p(target)
+        share_y = w * p_y / mix[:, None]  # online EM: towards each expert's share of p(target)
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
@@ -1307,7 +1299,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (`net_nats` kept); each rank's weights start afresh on its segment."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh on each rank."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1338,7 +1330,7 @@ def ngram_mix(ev, sheet, tokens):
 
 
 def run_eval_mode(ev, mode, tokens, audit=False):
-    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
+    """Score `tokens` with one FINAL_EVAL mode; the weights are left as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1356,7 +1348,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
 
 
 def random_documents(min_tokens, min_docs, args, g):
-    """At least min_tokens + 1 tokens of >= min_docs random BOS-led documents, 1 token to 3 windows long."""
+    """>= min_tokens + 1 tokens of >= min_docs random documents, 1 token to 3 windows long."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
@@ -1367,7 +1359,6 @@ def random_documents(min_tokens, min_docs, args, g):
 
 @contextmanager
 def overridden(args, **values):
-    """Settings changed for the duration of a block."""
     saved = {k: getattr(args, k) for k in values}
     for k, v in values.items():
         setattr(args, k, v)
@@ -1379,14 +1370,14 @@ def overridden(args, **values):
 
 
 def gap(a, b):
-    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
+    """Largest |a - b|; inf for a NaN or an inf (every check then fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     return d if math.isfinite(d) else math.inf
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """The causality audit (README "What the script does") of run(tokens) -> reduced audit ScoreSheet."""
-    def scored(tokens, **settings):  # no time budget: it makes scores depend on the clock, not the tokens
+    """The causality audit (README) of run(tokens) -> reduced audit ScoreSheet."""
+    def scored(tokens, **settings):  # no time budget: scores would depend on the clock
         with overridden(args, ttt_max_seconds=0.0, **settings):
             return run(tokens)
 
@@ -1402,10 +1393,10 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol, batch_noise = 4 * noise + 1e-6, 0.0
-    if isolated:  # batches follow document lengths, which the redraw changes: rebatching noise sets the tolerance
+    if isolated:  # the redraw changes document lengths, so batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Neither the losses before t nor the whole distribution scored at t (not even its own target) may move.
+    # Neither the losses before t nor the whole distribution scored at t may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
     norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
@@ -1427,7 +1418,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         redrawn = torch.rand(len(starts), generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
         c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
-        kept = ~redrawn[doc_of[:-1]]  # targets whose document was left as it was
+        kept = ~redrawn[doc_of[:-1]]  # targets of documents left as they were
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
         if not cross <= tol:
@@ -1442,7 +1433,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export; README "Export".
+# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export.
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1462,7 +1453,7 @@ def quant_overrides(args):
 
 
 def quant_bits_for(name, t, args):
-    """Export bits of a tensor; None keeps it as fp16 (2-D) / fp32 (control tensors)."""
+    """Export bits of a tensor; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = None
@@ -1485,7 +1476,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least rounding error."""
+    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least error."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
@@ -1513,7 +1504,7 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: each column's rounding error goes onto later columns through the inverse Hessian (H = E[x x^T])."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (H = E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1546,7 +1537,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
+    """E[x x^T] of every quantized linear layer's inputs, on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1589,7 +1580,7 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def prune_quantized(qstate, frac):
-    """A new state with the `frac` smallest |q| x scale entries of each quantized matrix zeroed."""
+    """A copy with the `frac` smallest |q| x scale of each quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1609,7 +1600,7 @@ def dequantize_state_dict(qstate):
 
 
 def shuffle_bytes(raw, itemsize):
-    """Byte planes (all first bytes, then all second bytes...): exponent bytes compress well together."""
+    """Byte planes (all first bytes, then all second...): exponent bytes compress well together."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
 
 
@@ -1632,7 +1623,7 @@ def serialize_quantized(qstate):
 
 
 def deserialize_quantized(blob):
-    """Parse and validate the layout: every field before a byte is read, every weight after."""
+    """Parse and validate: every field before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
@@ -1721,7 +1712,6 @@ def decompress_artifact(data):
 
 
 def load_artifact(path, model):
-    """Read, validate, dequantize and load an artifact into `model` (shapes must match)."""
     state = dequantize_state_dict(deserialize_quantized(decompress_artifact(Path(path).read_bytes())))
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
@@ -1733,11 +1723,11 @@ class ArtifactOverCap(Exception):
     pass
 
 
-FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of the range of the least that fits
+FIT_SEARCH_STEPS = 7  # bisection steps: within 1/128 of the range of the least pruning that fits
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, its state) at PRUNE_FRAC, or at the least pruning (bisection) that fits code + artifact in the cap."""
+    """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits code + artifact in the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1786,7 +1776,7 @@ def build_optimizers(model, args, fused):
 
 
 def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
-    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss, on the device."""
+    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
@@ -1814,7 +1804,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1, then in the warmdown linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
+    """1, then linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1829,19 +1819,19 @@ def train_progress(args, step, elapsed_ms, cap_ms):
 
 
 def seq_len_schedule(args):
-    """[(length, until progress), ...], ending with TRAIN_SEQ_LEN until the end."""
+    """[(length, until progress), ...], TRAIN_SEQ_LEN last."""
     items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
     return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
 
 
 def graph_variants(args):
-    """Every (loop passes, training length) training runs: one compiled graph each, primed in warm-up."""
+    """Every (loop passes, training length) of training: one compiled graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
 def apply_schedules(model, muon, args, step, progress, seq_len, log):
-    """Set the depth loop and Muon's weight decay for this progress; returns the training length."""
+    """Set the depth loop and Muon's weight decay; returns the training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
         for g in muon.param_groups:
@@ -1866,7 +1856,6 @@ def ema_decay(args, step, elapsed_ms, cap_ms):
 
 
 class WeightAverager:
-    """EMA in fp32 after every step; optional SWA of late (EMA) weights."""
 
     def __init__(self, model, args):
         self.args, self.model = args, model
@@ -1897,7 +1886,7 @@ class WeightAverager:
 
 
 class Logger:
-    """Appends each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0 only."""
+    """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0 only."""
 
     path: str | None = None
 
@@ -1919,7 +1908,7 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small device tensor copied to the host behind the queued work: read a step later, it never waits."""
+    """A small tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
         self.event = None
@@ -1938,8 +1927,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop and all it changes, saved in a checkpoint per rank (Muon keeps momenta on the rank
-    using them) so that a resumed run continues exactly; SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta on the rank using
+    them): a resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -1964,7 +1953,7 @@ class Trainer:
         return loss
 
     def warmup(self):
-        """Compile and prime every path, then restore the initial weights, optimizer state and data."""
+        """Compile and prime every path, then restore weights, optimizer state and data."""
         if self.args.warmup_steps <= 0:
             return
         init_model = copy.deepcopy(self.base_model.state_dict())
@@ -2021,11 +2010,10 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, evaluate):
-        """Train until ITERATIONS, the wallclock cap or a signal, validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # last step's flags (a HostCopy), read one step late: the host never stalls the GPU
+        pending = None  # last step's flags (a HostCopy), read one step late: the GPU never waits
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -2057,13 +2045,13 @@ class Trainer:
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
-                if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
+                if pending is not None:  # the previous step's flags, ready while this one runs
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
-                # torch.full launches a fill: torch.tensor(x, device=cuda) would copy from the host and sync.
+                # torch.full launches a fill; torch.tensor(x, device=cuda) would sync.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
                                                       (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
-                    dist.all_reduce(flags)  # a NaN or a signal on any rank reaches every rank: all stop together
+                    dist.all_reduce(flags)  # a NaN or a signal on any rank: all stop together
                 pending = HostCopy(flags)
                 if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
                     remaining = f" remaining:{max(self.cap_ms - approx_ms, 0) / 1000:.0f}s" if self.cap_ms is not None else ""
@@ -2082,7 +2070,7 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """A finished step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
+        """A step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: lower MATRIX_LR, SCALAR_LR, "
@@ -2106,7 +2094,7 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
-    """What counts val_bpb's bytes (validation_byte_source), after checking VOCAB_SIZE."""
+    """What counts val_bpb's bytes (validation_byte_source)."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2121,7 +2109,7 @@ def load_tokenizer_tables(args, device, log):
 
 
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
+    """Quantize, compress, fit the cap, write the artifact, load it back and score it."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t, gptq = time.perf_counter(), args.quant_method == "gptq"
     hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
@@ -2156,7 +2144,7 @@ def main():
     code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
-    # Distributed + device setup; the configuration is checked before anything is read or built.
+    # Distributed + device setup; the configuration is checked first.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
@@ -2176,7 +2164,7 @@ def main():
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
     if SMOKE and "DATA_PATH" not in os.environ:
-        # Built once per machine by rank 0, from text Python ships with; other ranks wait.
+        # Built once by rank 0, from text Python ships with; other ranks wait.
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from data.sample import build_sample
         if master:
@@ -2198,7 +2186,7 @@ def main():
     luts = load_tokenizer_tables(args, device, log)  # tokenizer and data checks, before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now
+    if not args.eval_only:  # training and GPTQ calibration: every shard checked now
         train_files = shard_files(args.train_files, "training")
         log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
@@ -2226,7 +2214,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
+        """(val_loss, val_bpb) of a mode on the validation set; on other tokens the checked ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2255,7 +2243,7 @@ def main():
             source, averaged = trainer.averager.final()
             base_model.load_state_dict(averaged)
             loader = trainer.loader
-        for m in qat_layers:  # the exported weights are evaluated as they are, without the QAT delta
+        for m in qat_layers:  # the exported weights are evaluated without the QAT delta
             m.qat_delta.zero_()
         t = time.perf_counter()
         val_loss, val_bpb = evaluate("roundtrip")
@@ -2272,7 +2260,7 @@ def main():
 
 
 def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
-    """Score the loaded model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
+    """Score the model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
