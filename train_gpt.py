@@ -1,11 +1,6 @@
 """
-Parameter Golf trainer: one file, configured by environment variables.
-
-  torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, the record setting
-  SMOKE=1 python3 train_gpt.py                                # whole pipeline, tiny, on a CPU
-
-Trains a GPT with Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads
-the artifact and scores it on the validation split in bits per byte.
+Parameter Golf trainer, configured by environment variables (README): trains a GPT with Muon + Adam, averages it,
+exports it as int6 per-row + zstd-22, reloads the artifact and scores it on the validation split in bits per byte.
 """
 from __future__ import annotations
 
@@ -102,7 +97,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     run_id = env("RUN_ID", str(uuid.uuid4()))
     seed = env("SEED", 1337)
 
-    # Schedule. The LR warmdown ends when MAX_WALLCLOCK_SECONDS runs out.
+    # Schedule.
     iterations = env("ITERATIONS", S(20000, 40))
     warmup_steps = env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
     warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
@@ -162,14 +157,14 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     ema_decay = env("EMA_DECAY", S(0.997, 0.9))
     swa_enabled = env("SWA_ENABLED", False)
     swa_every = env("SWA_EVERY", S(50, 5))
-    swa_start_scale = env("SWA_START_SCALE", 0.2)  # collect once the LR scale is below this
+    swa_start_scale = env("SWA_START_SCALE", 0.2)
     swa_from_ema = env("SWA_FROM_EMA", True)
 
     # Export.
     attn_bits = env("ATTN_BITS", 6)
     mlp_bits = env("MLP_BITS", 6)
     embed_bits = env("EMBED_BITS", 8)  # 16: fp16
-    # "REGEX:BITS,..." on tensor names, applied last. The smoke run forces its small matrices in, for GPTQ and QAT.
+    # The smoke run forces its small matrices in, for GPTQ and QAT.
     quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     quant_method = env("QUANT_METHOD", "gptq")
     quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
@@ -190,7 +185,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
 
     # Evaluation. The last FINAL_EVAL mode gives the score.
     final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the other passes room in 600 s (estimated).
+    # 400 s leaves the other passes room in 600 s (estimated).
     ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
     ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
     ttt_epochs = env("TTT_EPOCHS", S(3, 1))
@@ -206,7 +201,7 @@ class Hyperparameters:  # README "Configuration" and "The new settings" describe
     ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
     ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))
     ngram_order = env("NGRAM_ORDER", 4)
-    ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
+    ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))
     ngram_prior = env("NGRAM_PRIOR", 3.0)
     ngram_eta = env("NGRAM_ETA", 0.01)
     ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)
@@ -378,7 +373,7 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
     try:
         ve_layer_indices(args)
-    except ValueError as e:  # a ConfigError
+    except ValueError as e:
         err.append(str(e))
     try:
         loop_range(args)
@@ -401,7 +396,7 @@ def validate_config(args, world_size, grad_accum_steps):
 
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
-# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations, shared out across ranks.
+# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations.
 # -----------------------------------------------------------------------------
 
 # Polar Express (Amsel et al. 2025): per iteration a quintic optimal for the spectrum left by the last.
@@ -432,7 +427,7 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round's work."""
+    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -541,7 +536,6 @@ VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
-    """The token count, from the checked header and size (no token read)."""
     path = str(path)
     size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
@@ -597,8 +591,6 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step, every rank takes its slice of one shared chunk (+1 token for targets)."""
-
     def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
 
@@ -638,11 +630,10 @@ def load_validation_bytes(pattern):
         if len(counts[-1]) != int(np.fromfile(shard, dtype="<i4", count=3)[2]):
             raise DataError(f"{sidecar} has {len(counts[-1])} counts, {shard} another token count: "
                             "export the dataset again")
-    return torch.from_numpy(np.concatenate(counts).astype(np.int64))  # aligned with load_validation_tokens
+    return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
 def validation_byte_source(args, sp, luts, log):
-    """The byte sidecars, else the tables (refused for CaseOps)."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
@@ -681,7 +672,6 @@ class CastedLinear(nn.Linear):
 
 
 def prepare_qat(model, args):
-    """A zero QAT delta for every linear layer the export quantizes; returns those layers."""
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
@@ -701,7 +691,6 @@ SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if
 
 
 def select_attention(requested, device):
-    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request must be met."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
@@ -900,7 +889,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
     def layer_order(self):
-        """Blocks in run order: the loop range runs loop_passes times."""
         order = list(range(len(self.blocks)))
         if self.loop_passes > 1:
             a, b = self.loop_range
@@ -925,7 +913,7 @@ class GPT(nn.Module):
                 skips[i] = x
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        if head_delta is not None:  # eval_lora's head adapter
+        if head_delta is not None:
             logits = logits + head_delta(x)
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -940,7 +928,7 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit: README "What the script does".
+# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
@@ -970,7 +958,6 @@ class Evaluation:
 
 @functools.lru_cache(maxsize=4)
 def audit_probes(vocab, device):
-    """(vocab, AUDIT_PROBES) fixed random directions."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
@@ -1018,7 +1005,6 @@ class ScoreSheet:
                             f"(target {p} scored {int(self.hits[p])} times)")
 
     def result(self, tokens, luts):
-        """(nats per token, val_bpb), once every target is checked scored once."""
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
@@ -1033,7 +1019,7 @@ def autocast_ctx(device):
 
 
 def window_plan(total, seq_len, stride):
-    """Window starts for `total` targets, and each window's first scored target."""
+    """Window starts, and each window's first scored target."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
@@ -1067,7 +1053,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left covers scoring the rest."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops while the rest can still be scored."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1080,7 +1066,7 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk's windows are scored, then the model trains on the chunk."""
+    """Score-first chunked TTT: a chunk is scored, then trained on."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1241,7 +1227,7 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 pads or earlier tokens)."""
+        """Context row of every order at x_ext[order-2:] (x_ext: order-2 pads or earlier tokens, then inputs)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
@@ -1276,7 +1262,7 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; whole rows for an `audit` (net fp, row loss)."""
+        """Mixture loss of a chunk of targets, then the update; for an `audit` whole rows too."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
@@ -1299,7 +1285,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh on each rank."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); each rank's weights start afresh."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1348,7 +1334,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
 
 
 def random_documents(min_tokens, min_docs, args, g):
-    """>= min_tokens + 1 tokens of >= min_docs random documents, 1 token to 3 windows long."""
+    """>= min_tokens + 1 tokens of >= min_docs random documents of 1 token to 3 windows."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
@@ -1376,7 +1362,7 @@ def gap(a, b):
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """The causality audit (README) of run(tokens) -> reduced audit ScoreSheet."""
+    """The causality audit (README) of run: tokens -> reduced audit ScoreSheet."""
     def scored(tokens, **settings):  # no time budget: scores would depend on the clock
         with overridden(args, ttt_max_seconds=0.0, **settings):
             return run(tokens)
@@ -1476,7 +1462,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least error."""
+    """Per-row fp16 scales (rows, 1): the clip of max |w| (SDClip: sigmas x std) with least error."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
@@ -1623,7 +1609,7 @@ def serialize_quantized(qstate):
 
 
 def deserialize_quantized(blob):
-    """Parse and validate: every field before a byte is read, every weight after."""
+    """Every field validated before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("artifact payload has no valid header: not an artifact of this script")
     (hlen,) = struct.unpack("<I", blob[4:8])
@@ -1776,7 +1762,6 @@ def build_optimizers(model, args, fused):
 
 
 def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
-    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
@@ -1831,7 +1816,6 @@ def graph_variants(args):
 
 
 def apply_schedules(model, muon, args, step, progress, seq_len, log):
-    """Set the depth loop and Muon's weight decay; returns the training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
         for g in muon.param_groups:
@@ -1968,7 +1952,7 @@ class Trainer:
             opt.load_state_dict(st)
         self.loader.stream.seek(0, 0)
 
-    # --- checkpoints -----------------------------------------------------------------------------
+    # --- checkpoints ---
     def state(self):
         return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                     ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
@@ -2008,7 +1992,7 @@ class Trainer:
             raise KeyboardInterrupt
         self.signal = signum
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- the loop ---
     def run(self, evaluate):
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -2094,7 +2078,6 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
-    """What counts val_bpb's bytes (validation_byte_source)."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2109,7 +2092,6 @@ def load_tokenizer_tables(args, device, log):
 
 
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    """Quantize, compress, fit the cap, write the artifact, load it back and score it."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t, gptq = time.perf_counter(), args.quant_method == "gptq"
     hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
@@ -2214,7 +2196,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) of a mode on the validation set; on other tokens the checked ScoreSheet."""
+        """(val_loss, val_bpb) on the validation set; on other tokens the checked ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2260,7 +2242,7 @@ def main():
 
 
 def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
-    """Score the model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
+    """Every FINAL_EVAL mode, each audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
