@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Every setting is an env var; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
-KNOWN_ENV: dict[str, object] = {}
+KNOWN_ENV: dict[str, object] = {}  # name -> default
+SETTINGS: dict[str, object] = {}  # name -> value
 ENV_ERRORS: list[str] = []  # unparsable values
 
 
@@ -49,19 +50,24 @@ class DataError(ValueError):
 
 
 def env(name, default):
-    """Env var `name` as the type of `default` (the PRESET's, if set); registered as a setting."""
-    default = PRESETS.get(PRESET, {}).get(name, default)
-    KNOWN_ENV[name] = default
+    """Setting `name`: the env var as the type of `default` (the PRESET's, if set)."""
+    default = KNOWN_ENV[name] = SETTINGS[name] = PRESETS.get(PRESET, {}).get(name, default)
     raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        if isinstance(default, bool):
-            return {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
-        return type(default)(raw)
-    except (KeyError, ValueError):
-        ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
-        return default
+    if raw is not None:
+        try:
+            if isinstance(default, bool):
+                SETTINGS[name] = {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
+            else:
+                SETTINGS[name] = type(default)(raw)
+        except (KeyError, ValueError):
+            ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
+    return SETTINGS[name]
+
+
+def settings_as_attributes(cls):
+    for name, value in SETTINGS.items():
+        setattr(cls, name.lower(), value)
+    return cls
 
 
 PRESET, PRESETS = os.environ.get("PRESET", "seeds"), {}
@@ -88,155 +94,151 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-class Hyperparameters:  # README "Configuration" and "The new settings" describe every setting
-    smoke = SMOKE
+# Each env("NAME", default) is the attribute name.lower(); README "Configuration" and "The new settings" describe them.
+@settings_as_attributes
+class Hyperparameters:
     # Data and run.
-    data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-    tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-    vocab_size = env("VOCAB_SIZE", S(1024, 512))
-    run_id = env("RUN_ID", str(uuid.uuid4()))
-    seed = env("SEED", 1337)
+    env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+    env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+    env("VOCAB_SIZE", S(1024, 512))
+    env("RUN_ID", str(uuid.uuid4()))
+    env("SEED", 1337)
 
     # Schedule.
-    iterations = env("ITERATIONS", S(20000, 40))
-    warmup_steps = env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
-    warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
-    max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
-    train_batch_tokens = env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
-    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
+    env("ITERATIONS", S(20000, 40))
+    env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
+    env("WARMDOWN_ITERS", S(3500, 15))
+    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
+    env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
+    env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
     train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
     eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
-    eval_stride = env("EVAL_STRIDE", S(64, 32))
-    val_batch_size = env("VAL_BATCH_SIZE", S(524_288, 16384))
-    val_loss_every = env("VAL_LOSS_EVERY", S(4000, 20))
-    train_log_every = env("TRAIN_LOG_EVERY", S(200, 10))
+    env("EVAL_STRIDE", S(64, 32))
+    env("VAL_BATCH_SIZE", S(524_288, 16384))
+    env("VAL_LOSS_EVERY", S(4000, 20))
+    env("TRAIN_LOG_EVERY", S(200, 10))
 
     # Model.
-    num_layers = env("NUM_LAYERS", S(11, 3))
-    model_dim = env("MODEL_DIM", S(512, 64))
-    num_heads = env("NUM_HEADS", S(8, 4))
-    num_kv_heads = env("NUM_KV_HEADS", S(4, 2))
-    mlp_mult = env("MLP_MULT", 3.0)
-    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)
-    tie_embeddings = env("TIE_EMBEDDINGS", True)
-    tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
-    rope_base = env("ROPE_BASE", 10000.0)
-    rope_dims = env("ROPE_DIMS", S(16, 8))
-    logit_softcap = env("LOGIT_SOFTCAP", 30.0)
-    qk_gain_init = env("QK_GAIN_INIT", 1.5)
-    ln_scale = env("LN_SCALE", True)
-    xsa_last_n = env("XSA_LAST_N", 11)
-    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))
-    bigram_dim = env("BIGRAM_DIM", S(128, 32))
-    smear_enabled = env("SMEAR_ENABLED", True)
-    unet_skips = env("UNET_SKIPS", True)
-    ve_enabled = env("VE_ENABLED", True)
-    ve_dim = env("VE_DIM", S(128, 32))
-    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices
+    env("NUM_LAYERS", S(11, 3))
+    env("MODEL_DIM", S(512, 64))
+    env("NUM_HEADS", S(8, 4))
+    env("NUM_KV_HEADS", S(4, 2))
+    env("MLP_MULT", 3.0)
+    env("LEAKY_RELU_SLOPE", 0.5)
+    env("TIE_EMBEDDINGS", True)
+    env("TIED_EMBED_INIT_STD", 0.005)
+    env("ROPE_BASE", 10000.0)
+    env("ROPE_DIMS", S(16, 8))
+    env("LOGIT_SOFTCAP", 30.0)
+    env("QK_GAIN_INIT", 1.5)
+    env("LN_SCALE", True)
+    env("XSA_LAST_N", 11)
+    env("BIGRAM_VOCAB_SIZE", S(2048, 256))
+    env("BIGRAM_DIM", S(128, 32))
+    env("SMEAR_ENABLED", True)
+    env("UNET_SKIPS", True)
+    env("VE_ENABLED", True)
+    env("VE_DIM", S(128, 32))
+    env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
-    matrix_lr = env("MATRIX_LR", 0.025)
-    scalar_lr = env("SCALAR_LR", 0.025)
-    tied_embed_lr = env("TIED_EMBED_LR", 0.035)
-    embed_lr = env("EMBED_LR", 0.6)
-    head_lr = env("HEAD_LR", 0.008)
-    muon_momentum = env("MUON_MOMENTUM", 0.99)
-    muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
-    muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
-    muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
-    muon_ns_coeffs = env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
-    muon_wd = env("MUON_WD", 0.04)
-    adam_wd = env("ADAM_WD", 0.04)
-    beta1 = env("BETA1", 0.9)
-    beta2 = env("BETA2", 0.95)
-    adam_eps = env("ADAM_EPS", 1e-8)
-    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
+    env("MATRIX_LR", 0.025)
+    env("SCALAR_LR", 0.025)
+    env("TIED_EMBED_LR", 0.035)
+    env("EMBED_LR", 0.6)
+    env("HEAD_LR", 0.008)
+    env("MUON_MOMENTUM", 0.99)
+    env("MUON_MOMENTUM_WARMUP_START", 0.92)
+    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
+    env("MUON_BACKEND_STEPS", 5)
+    env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
+    env("MUON_WD", 0.04)
+    env("ADAM_WD", 0.04)
+    env("BETA1", 0.9)
+    env("BETA2", 0.95)
+    env("ADAM_EPS", 1e-8)
+    env("GRAD_CLIP_NORM", 0.3)
 
     # Weight averaging.
-    ema_enabled = env("EMA_ENABLED", True)
-    ema_decay = env("EMA_DECAY", S(0.997, 0.9))
-    swa_enabled = env("SWA_ENABLED", False)
-    swa_every = env("SWA_EVERY", S(50, 5))
-    swa_start_scale = env("SWA_START_SCALE", 0.2)
-    swa_from_ema = env("SWA_FROM_EMA", True)
+    env("EMA_ENABLED", True)
+    env("EMA_DECAY", S(0.997, 0.9))
+    env("SWA_ENABLED", False)
+    env("SWA_EVERY", S(50, 5))
+    env("SWA_START_SCALE", 0.2)
+    env("SWA_FROM_EMA", True)
 
     # Export.
-    attn_bits = env("ATTN_BITS", 6)
-    mlp_bits = env("MLP_BITS", 6)
-    embed_bits = env("EMBED_BITS", 8)  # 16: fp16
+    env("ATTN_BITS", 6)
+    env("MLP_BITS", 6)
+    env("EMBED_BITS", 8)  # 16: fp16
     # The smoke run forces its small matrices in, for GPTQ and QAT.
-    quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    quant_method = env("QUANT_METHOD", "gptq")
-    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
-    gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
-    gptq_damp = env("GPTQ_DAMP", 0.01)
-    gptq_act_order = env("GPTQ_ACT_ORDER", True)
-    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))
-    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
-    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)
-    prune_frac = env("PRUNE_FRAC", 0.0)
-    compressor = env("COMPRESSOR", "zstd")
-    zstd_level = env("ZSTD_LEVEL", 22)
-    artifact_cap = env("ARTIFACT_CAP", 16_000_000)
-    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)
-    eval_only = env("EVAL_ONLY", "")
-    quant_only = env("QUANT_ONLY", "")
-    resume = env("RESUME", "")
+    env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
+    env("QUANT_METHOD", "gptq")
+    env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
+    env("GPTQ_BLOCK_SIZE", 128)
+    env("GPTQ_DAMP", 0.01)
+    env("GPTQ_ACT_ORDER", True)
+    env("GPTQ_CALIB_BATCHES", S(8, 4))
+    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
+    env("LATE_QAT_THRESHOLD", 0.15)
+    env("PRUNE_FRAC", 0.0)
+    env("COMPRESSOR", "zstd")
+    env("ZSTD_LEVEL", 22)
+    env("ARTIFACT_CAP", 16_000_000)
+    env("FIT_MAX_PRUNE_FRAC", 0.5)
+    env("EVAL_ONLY", "")
+    env("QUANT_ONLY", "")
+    env("RESUME", "")
 
     # Evaluation. The last FINAL_EVAL mode gives the score.
-    final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
+    env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # 400 s leaves the other passes room in 600 s (estimated).
-    ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
-    ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
-    ttt_epochs = env("TTT_EPOCHS", S(3, 1))
-    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")
-    ttt_lr = env("TTT_LR", 0.002)
-    ttt_momentum = env("TTT_MOMENTUM", 0.9)
-    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
-    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))
-    ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
-    ttt_lora_rank = env("TTT_LORA_RANK", 8)
-    ttt_lora_lr = env("TTT_LORA_LR", 0.01)
+    env("TTT_MAX_SECONDS", S(400.0, 0.0))
+    env("TTT_CHUNK_TOKENS", S(32768, 512))
+    env("TTT_EPOCHS", S(3, 1))
+    env("TTT_OPTIMIZER", "sgd")
+    env("TTT_LR", 0.002)
+    env("TTT_MOMENTUM", 0.9)
+    env("TTT_FREEZE_BLOCKS", 0)
+    env("TTT_BATCH_SEQS", S(32, 4))
+    env("TTT_GRAD_CLIP", 1.0)
+    env("TTT_LORA_RANK", 8)
+    env("TTT_LORA_LR", 0.01)
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
-    ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
-    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))
-    ngram_order = env("NGRAM_ORDER", 4)
-    ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))
-    ngram_prior = env("NGRAM_PRIOR", 3.0)
-    ngram_eta = env("NGRAM_ETA", 0.01)
-    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)
-    ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
-    ngram_chunk = env("NGRAM_CHUNK", 512)
+    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
+    env("TTT_LORA_BATCH", S(64, 8))
+    env("NGRAM_ORDER", 4)
+    env("NGRAM_BUCKETS", S(65536, 4096))
+    env("NGRAM_PRIOR", 3.0)
+    env("NGRAM_ETA", 0.01)
+    env("NGRAM_INIT_WEIGHT", 0.1)
+    env("NGRAM_ENTROPY_BINS", 8)
+    env("NGRAM_CHUNK", 512)
 
     # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / wallclock cap.
-    preset = env("PRESET", "seeds")
-    loop_layers = env("LOOP_LAYERS", "")
-    loop_repeats = env("LOOP_REPEATS", 2)
-    loop_start_frac = env("LOOP_START_FRAC", 0.0)
-    parallel_from = env("PARALLEL_FROM", 0)
-    attn_gate_dims = env("ATTN_GATE_DIMS", 0)
-    muon_row_norm = env("MUON_ROW_NORM", False)
-    normuon = env("NORMUON", False)
-    normuon_beta2 = env("NORMUON_BETA2", 0.95)
-    min_lr = env("MIN_LR", 0.0)
-    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)
-    muon_wd_final = env("MUON_WD_FINAL", 0.0)
-    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)
-    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")
-    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)
-    embed_gptq = env("EMBED_GPTQ", False)
+    env("PRESET", "seeds")
+    env("LOOP_LAYERS", "")
+    env("LOOP_REPEATS", 2)
+    env("LOOP_START_FRAC", 0.0)
+    env("PARALLEL_FROM", 0)
+    env("ATTN_GATE_DIMS", 0)
+    env("MUON_ROW_NORM", False)
+    env("NORMUON", False)
+    env("NORMUON_BETA2", 0.95)
+    env("MIN_LR", 0.0)
+    env("MUON_WD_TAPER_START", 1.0)
+    env("MUON_WD_FINAL", 0.0)
+    env("EMA_HALF_LIFE_FRAC", 0.0)
+    env("SEQ_LEN_SCHEDULE", "")
+    env("EMBED_CLIP_SIGMAS", 0.0)
+    env("EMBED_GPTQ", False)
 
     # Runtime.
-    compile = env("COMPILE", True)
-    attn_backend = env("ATTN_BACKEND", "auto")
+    env("COMPILE", True)
+    env("ATTN_BACKEND", "auto")
 
-    @property
-    def train_files(self):
-        return os.path.join(self.data_path, "fineweb_train_*.bin")
-
-    @property
-    def val_files(self):
-        return os.path.join(self.data_path, "fineweb_val_*.bin")
+    train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
+    val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
 # Variables that torchrun, CUDA and friends set: never flagged as misspellings.
