@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
-# Every setting is an env var; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
+# Env vars; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
 KNOWN_ENV: dict[str, object] = {}  # name -> default
@@ -94,7 +94,7 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-# Each env("NAME", default) is the attribute name.lower(); README "Configuration" and "The new settings" describe them.
+# env("NAME", default): the attribute name.lower(). README "Configuration" describes every setting.
 @settings_as_attributes
 class Hyperparameters:
     # Data and run.
@@ -190,7 +190,7 @@ class Hyperparameters:
     env("QUANT_ONLY", "")
     env("RESUME", "")
 
-    # Evaluation. The last FINAL_EVAL mode gives the score.
+    # Evaluation.
     env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # 400 s leaves the other passes room in 600 s (estimated).
     env("TTT_MAX_SECONDS", S(400.0, 0.0))
@@ -215,7 +215,7 @@ class Hyperparameters:
     env("NGRAM_ENTROPY_BINS", 8)
     env("NGRAM_CHUNK", 512)
 
-    # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / wallclock cap.
+    # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
     env("PRESET", "seeds")
     env("LOOP_LAYERS", "")
     env("LOOP_REPEATS", 2)
@@ -241,7 +241,7 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
-# Variables that torchrun, CUDA and friends set: never flagged as misspellings.
+# Set by torchrun, CUDA and friends: never flagged as misspellings.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
 
@@ -429,7 +429,7 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round."""
+    """Rank r orthogonalizes params r, r + world, ...; a round's all-reduce overlaps the next."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -518,7 +518,7 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables or a byte sidecar."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -534,7 +534,7 @@ def target_bytes(tokens, luts):
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable as a token shard
+VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never readable as a token shard
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
@@ -613,7 +613,7 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin), or None."""
+    """Each val token's original bytes from CaseOps sidecars (fineweb_valbytes_N.bin), or None."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
@@ -660,8 +660,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weights, used in the activation dtype. Late QAT: buffer `qat_delta` (compiled graphs read a buffer's
-    current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
+    """fp32 weights in the activation dtype. Late QAT: a buffer (compiled graphs read its current value) `qat_delta`
+    = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -722,7 +722,7 @@ def causal_attention(q, k, v):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
+    """RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
 
     def __init__(self, dims, base, train_seq_len):
         super().__init__()
@@ -745,7 +745,7 @@ def apply_rotary(x, cos, sin, dims):
 
 
 def exclusive_self_attention(y, v):
-    """XSA: drop from each head's output its component along the token's own value vector."""
+    """XSA: drop each head output's component along the token's own value vector."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -763,7 +763,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
         self.rope_dims, self.xsa = args.rope_dims, xsa
-        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init, the identity.
+        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init is the identity.
         self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
@@ -878,7 +878,7 @@ class GPT(nn.Module):
         self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
-        self.head_input = nn.Identity()  # GPTQ of tied embeddings hooks the head's inputs here
+        self.head_input = nn.Identity()  # for GPTQ of tied embeddings
         self.loop_range = loop_range(args)
         self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
         self._init_weights(args)
@@ -921,7 +921,6 @@ class GPT(nn.Module):
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward(self, ids, targets=None):
-        """Per-token loss in nats (B, T); the logits without targets."""
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -935,7 +934,7 @@ class GPT(nn.Module):
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
 ISOLATED_MODES = ("lora",)  # no information crosses a document start
-AUDIT_PROBES = 4  # random directions the audit projects each scored distribution on
+AUDIT_PROBES = 4  # random directions each audited distribution is projected on
 AUDIT_MAX_NOISE = 1e-2  # nats: a mode noisier than this hides leaks in its noise
 
 
@@ -964,8 +963,8 @@ def audit_probes(vocab, device):
 
 
 class ScoreSheet:
-    """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (on audit_probes), the loss
-    read back from it and the worst normalization error."""
+    """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (audit_probes), the
+    loss read back from it, the worst normalization error."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
@@ -973,7 +972,7 @@ class ScoreSheet:
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
         self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)|
-        self.net_nats = None  # the network's losses, once a mixture has replaced `nats`
+        self.net_nats = None  # the network's losses once a mixture replaced `nats`
 
     @torch.no_grad()
     def record(self, pos, logits, y):
@@ -1090,7 +1089,7 @@ def eval_ttt(ev, tokens, sheet):
             break
         ok = torch.tensor(float(adapting and budget.adapt_ok((c + 1) / n_chunks, step_s)), device=device)
         if world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank stops adapting at the same chunk
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks stop at the same chunk
         if not ok.item():
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
@@ -1129,7 +1128,7 @@ def eval_ttt(ev, tokens, sheet):
 
 
 def doc_spans(tokens):
-    """Documents as target ranges [start, end): input from a BOS, up to the next BOS as target."""
+    """Documents as target ranges [start, end), from a BOS to the next BOS."""
     total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
@@ -1143,7 +1142,7 @@ class DocLoRA(nn.Module):
         super().__init__()
         self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
         shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
-        g = torch.Generator().manual_seed(0)  # one start for every document: scores independent of batching
+        g = torch.Generator().manual_seed(0)  # one start for all: scores independent of batching
         self.A = nn.ParameterList((torch.randn(1, i, rank, generator=g) / math.sqrt(i)).repeat(n_docs, 1, 1).to(device)
                                   for i, _ in shapes)
         self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
@@ -1215,8 +1214,8 @@ def eval_lora(ev, tokens, sheet):
 
 
 class NgramMixer:
-    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below,
-    mixed with the network by weights per entropy bin updated by online EM (not Hedge: records/BENCHMARKS.md)."""
+    """Online n-gram experts (never across a BOS; hashed from order 3) smoothed towards the order below, mixed
+    with the network by weights per entropy bin, by online EM (not Hedge: records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1229,7 +1228,7 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order at x_ext[order-2:] (x_ext: order-2 pads or earlier tokens, then inputs)."""
+        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
@@ -1247,7 +1246,7 @@ class NgramMixer:
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
         p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
         for k, key in enumerate(keys):
-            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier targets of this chunk, same context
+            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier in this chunk, same context
             if cand.size(1) == 1:  # scoring: only the target's count
                 seen = (same * (y[None, :] == cand)).sum(1, keepdim=True)
             else:
@@ -1271,7 +1270,7 @@ class NgramMixer:
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:  # the network's own rows are checked in ScoreSheet.record
+        if audit is not None:  # (the network's rows are checked in ScoreSheet.record)
             net_fp, net_row_nats = audit
             rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
@@ -1381,7 +1380,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol, batch_noise = 4 * noise + 1e-6, 0.0
-    if isolated:  # the redraw changes document lengths, so batches: rebatching noise sets the tolerance
+    if isolated:  # the redraw changes the batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
     # Neither the losses before t nor the whole distribution scored at t may move.
@@ -1525,7 +1524,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of every quantized linear layer's inputs, on training batches (never val)."""
+    """E[x x^T] of each quantized linear layer's inputs, on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1568,7 +1567,6 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def prune_quantized(qstate, frac):
-    """A copy with the `frac` smallest |q| x scale of each quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1588,7 +1586,7 @@ def dequantize_state_dict(qstate):
 
 
 def shuffle_bytes(raw, itemsize):
-    """Byte planes (all first bytes, then all second...): exponent bytes compress well together."""
+    """Byte planes: exponent bytes compress well together."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
 
 
@@ -1669,7 +1667,7 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 of (id + blob: decompressors miss bit flips) + compressed blob."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 (decompressors miss bit flips) of id + blob + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1711,11 +1709,11 @@ class ArtifactOverCap(Exception):
     pass
 
 
-FIT_SEARCH_STEPS = 7  # bisection steps: within 1/128 of the range of the least pruning that fits
+FIT_SEARCH_STEPS = 7  # bisection: within 1/128 of the range
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits code + artifact in the cap."""
+    """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1812,7 +1810,7 @@ def seq_len_schedule(args):
 
 
 def graph_variants(args):
-    """Every (loop passes, training length) of training: one compiled graph each, primed in warm-up."""
+    """Every (loop passes, training length): a compiled graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
@@ -1834,7 +1832,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: a short run is no blend with its init."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: short runs are no blend with the init."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1913,8 +1911,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta on the rank using
-    them): a resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used): a resumed
+    run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -1939,7 +1937,7 @@ class Trainer:
         return loss
 
     def warmup(self):
-        """Compile and prime every path, then restore weights, optimizer state and data."""
+        """Compile and prime every path, then restore weights, optimizers and data."""
         if self.args.warmup_steps <= 0:
             return
         init_model = copy.deepcopy(self.base_model.state_dict())
@@ -1999,7 +1997,7 @@ class Trainer:
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # last step's flags (a HostCopy), read one step late: the GPU never waits
+        pending = None  # last step's flags (a HostCopy), read a step late: the GPU never waits
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -2056,7 +2054,7 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """A step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
+        """[loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: lower MATRIX_LR, SCALAR_LR, "
@@ -2114,7 +2112,7 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     log(f"Serialized model {label.replace('_', '+')}: {len(data)} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
-    if final_state is not qstate:  # fit-to-cap pruned: measure what it cost
+    if final_state is not qstate:  # pruned: measure what it cost
         base_model.load_state_dict(dequantize_state_dict(qstate))
         _, unpruned_bpb = evaluate("roundtrip")
         log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
@@ -2128,7 +2126,7 @@ def main():
     code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
-    # Distributed + device setup; the configuration is checked first.
+    # Distributed + device setup.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
@@ -2167,10 +2165,10 @@ def main():
     for w in warnings:
         log(w, console=False)
 
-    luts = load_tokenizer_tables(args, device, log)  # tokenizer and data checks, before any compute
+    luts = load_tokenizer_tables(args, device, log)  # data checks before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    if not args.eval_only:  # training and GPTQ calibration: every shard checked now
+    if not args.eval_only:  # every training shard checked now
         train_files = shard_files(args.train_files, "training")
         log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
@@ -2182,7 +2180,7 @@ def main():
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
-    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
+    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length, eval shape
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if cuda and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if cuda else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
@@ -2198,7 +2196,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) on the validation set; on other tokens the checked ScoreSheet."""
+        """(val_loss, val_bpb) on the val set; on other tokens the checked ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2221,13 +2219,13 @@ def main():
                 trainer.resume(args.resume)
             try:
                 trainer.run(evaluate)
-            except Exception:  # a crash after training began keeps what was learnt
+            except Exception:  # keep what was learnt
                 trainer.save("failure")
                 raise
             source, averaged = trainer.averager.final()
             base_model.load_state_dict(averaged)
             loader = trainer.loader
-        for m in qat_layers:  # the exported weights are evaluated without the QAT delta
+        for m in qat_layers:  # evaluated as exported: no QAT delta
             m.qat_delta.zero_()
         t = time.perf_counter()
         val_loss, val_bpb = evaluate("roundtrip")
