@@ -359,8 +359,7 @@ def validate_config(args, world_size, grad_accum_steps):
     modes = final_modes(args)
     bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
     if bad or not modes:
-        err.append(f"FINAL_EVAL={args.final_eval}: each mode must be one of {', '.join(NETWORK_MODES)}, "
-                   "optionally followed by +ngram")
+        err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +ngram")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
         err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}")
     if args.ttt_freeze_blocks > args.num_layers:
@@ -372,7 +371,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if coeffs is not POLAR_EXPRESS and (len(coeffs) != 3 or not all(map(math.isfinite, coeffs))):
             raise ValueError
     except ValueError:
-        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
+        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three numbers a,b,c or polar")
     try:
         ve_layer_indices(args)
     except ValueError as e:
@@ -564,8 +563,8 @@ def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
 def shard_files(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {what} shards match {pattern}: download them with "
-                                "`python3 data/cached_challenge_fineweb.py --variant sp1024` or set DATA_PATH")
+        raise FileNotFoundError(f"no {what} shards match {pattern}: download them "
+                                "(data/cached_challenge_fineweb.py) or set DATA_PATH")
     return files
 
 
@@ -1124,7 +1123,7 @@ def eval_ttt(ev, tokens, sheet):
         p.requires_grad_(True)
     if stopped_at is not None:
         ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
-               f"{stopped_at}/{n_chunks}, scoring went on")
+               f"{stopped_at}/{n_chunks}")
 
 
 def doc_spans(tokens):
@@ -1397,7 +1396,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
     if not mismatch <= tol:
         problems.append(f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target")
     if not norm <= 1e-3:
-        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1 over the vocabulary")
+        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1")
     isolation = "n/a"
     if isolated:
         starts, _ = doc_spans(tokens)
@@ -1585,13 +1584,10 @@ def dequantize_state_dict(qstate):
             for name, e in qstate.items()}
 
 
-def shuffle_bytes(raw, itemsize):
+def shuffle_bytes(raw, itemsize, undo=False):
     """Byte planes: exponent bytes compress well together."""
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
-
-
-def unshuffle_bytes(raw, itemsize):
-    return np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes() if itemsize > 1 else raw
+    planes = (itemsize, -1) if undo else (-1, itemsize)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(planes).T.tobytes() if itemsize > 1 else raw
 
 
 def serialize_quantized(qstate):
@@ -1611,7 +1607,7 @@ def serialize_quantized(qstate):
 def deserialize_quantized(blob):
     """Every field validated before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
-        raise DataError("artifact payload has no valid header: not an artifact of this script")
+        raise DataError("not an artifact of this script (no valid header)")
     (hlen,) = struct.unpack("<I", blob[4:8])
     try:
         header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
@@ -1636,7 +1632,7 @@ def parse_tensor_entry(name, entry, payload):
             raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off}, size {n}: not integers >= 0")
         if off + n > len(payload) or n != math.prod(shape) * dtype.itemsize:
             raise DataError(f"artifact tensor {name}.{key} extends past the payload or has a wrong size")
-        raw = unshuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize)
+        raw = shuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize, undo=True)
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
         q, scale, qmax = e["q"], e["scale"], 2 ** (bits - 1) - 1
@@ -1743,9 +1739,8 @@ def build_artifact(qstate, args, code_bytes, log):
 
 def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
-    matrices = [p for n, p in model.named_parameters()
-                if p.ndim == 2 and not any(n.startswith(e) for e in EMBED_NAMES) and not n.startswith("lm_head")
-                and not n.startswith("skip_weights") and not n.endswith(("resid_mix", "attn.gate"))]
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith(("resid_mix", "attn.gate"))
+                and not n.startswith((*EMBED_NAMES, "lm_head", "skip_weights"))]
     taken = {id(p) for p in embeds + matrices} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = lambda params, lr: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2),
@@ -1840,7 +1835,6 @@ def ema_decay(args, step, elapsed_ms, cap_ms):
 
 
 class WeightAverager:
-
     def __init__(self, model, args):
         self.args, self.model = args, model
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
@@ -1872,7 +1866,7 @@ class WeightAverager:
 class Logger:
     """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0 only."""
 
-    path: str | None = None
+    path = None
 
     def open(self, path):
         self.path = path
