@@ -78,7 +78,7 @@ def S(full, smoke):
     return smoke if SMOKE else full
 
 
-# PRESET sets defaults only: README "Presets and the April stack".
+# PRESET sets defaults only (README).
 PRESETS["naive_baseline"] = dict(
     MLP_MULT=2.0, LEAKY_RELU_SLOPE=0.0, LN_SCALE=False, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0, SMEAR_ENABLED=False,
     VE_ENABLED=False, MATRIX_LR=0.04, SCALAR_LR=0.04, TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95,
@@ -285,7 +285,7 @@ def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
-# Settings with a lower bound; the checks after these divide by some of them.
+# Lower bounds; the later checks divide by some of these.
 AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
               "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
               "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
@@ -316,7 +316,6 @@ def check_ranges(args):
 
 
 def validate_config(args, world_size, grad_accum_steps):
-    """Refuse impossible settings before any data is read or compute spent."""
     err = list(ENV_ERRORS) + check_ranges(args)
     if err:  # the checks below assume these
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
@@ -400,7 +399,7 @@ def validate_config(args, world_size, grad_accum_steps):
 # Momentum, then each matrix update orthogonalized by Newton-Schulz iterations.
 # -----------------------------------------------------------------------------
 
-# Polar Express (Amsel et al. 2025): per iteration a quintic optimal for the spectrum left by the last.
+# Polar Express (Amsel et al. 2025): quintics, each optimal for the spectrum the last leaves.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -413,7 +412,7 @@ def ns_coefficients(spec):
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """~U V^T of G = U S V^T; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
+    """~U V^T of G = U S V^T; coeffs: (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -439,7 +438,7 @@ class Muon(torch.optim.Optimizer):
         if self.row_norm:  # MuonEq-R: unit-norm rows
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
-        if self.normuon_beta2:  # NorMuon: rows over their running RMS, the update's norm kept
+        if self.normuon_beta2:  # NorMuon: rows over their running RMS, same norm
             g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
             v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
             n = g.norm()
@@ -484,8 +483,8 @@ class Muon(torch.optim.Optimizer):
 
 # -----------------------------------------------------------------------------
 # TOKENIZER-AGNOSTIC EVALUATION SETUP
-# val_bpb = total nats / (ln 2 x total UTF-8 bytes of the text the targets decode to).
-# A piece's leading "\u2581" is one space byte, except right after a boundary token (BOS).
+# val_bpb = total nats / (ln 2 x UTF-8 bytes of the text the targets decode to).
+# A piece's leading "\u2581" is a space byte, except right after a boundary token (BOS).
 # -----------------------------------------------------------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
@@ -508,7 +507,7 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(is_boundary, device=device))
 
 
-# CaseOps controls (data/caseops.py): its tables count transformed text, its byte sidecars the original.
+# CaseOps controls (data/caseops.py): tables count transformed text, byte sidecars the original.
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -571,7 +570,7 @@ def shard_files(pattern, what):
 class TokenStream:
     def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
-        for f in self.files:  # now: a bad shard found mid-run wastes the run up to it
+        for f in self.files:  # a bad shard found mid-run wastes the run
             shard_token_count(f)
         self.seek(0, 0)
 
@@ -612,7 +611,7 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original bytes from CaseOps sidecars (fineweb_valbytes_N.bin), or None."""
+    """Each val token's original bytes from CaseOps sidecars, or None."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
         raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
@@ -659,8 +658,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weights in the activation dtype. Late QAT: a buffer (compiled graphs read its current value) `qat_delta`
-    = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
+    """fp32 weights in the activation dtype. Late QAT: the buffer `qat_delta` = fake_quantize(w) - w (compiled
+    graphs read its current value): forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -721,7 +720,7 @@ def causal_attention(q, k, v):
 
 
 class Rotary(nn.Module):
-    """RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
+    """RoPE on a head's first `dims` dims, NTK-scaled past the training length."""
 
     def __init__(self, dims, base, train_seq_len):
         super().__init__()
@@ -744,7 +743,7 @@ def apply_rotary(x, cos, sin, dims):
 
 
 def exclusive_self_attention(y, v):
-    """XSA: drop each head output's component along the token's own value vector."""
+    """XSA: drop each head output's component along the token's own value."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -775,7 +774,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(T, x.device)
         q = apply_rotary(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain.to(x.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin, self.rope_dims)
-        # FlashAttention needs bf16/fp16 inputs: undo any promotion to fp32.
+        # FlashAttention needs bf16/fp16: undo any promotion to fp32.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -815,7 +814,7 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one by a per-dim gate; a BOS keeps its own."""
+    """Blend each position with the previous by a per-dim gate; a BOS keeps its own."""
 
     def __init__(self, dim):
         super().__init__()
@@ -850,7 +849,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A token embedding added to the attention values of several layers."""
+    """A token embedding added to several layers' attention values."""
 
     def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
@@ -874,7 +873,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(args, i, xsa=i >= L - args.xsa_last_n) for i in range(L))
         self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
+        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first half feeds second half
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
@@ -905,7 +904,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        for i in self.layer_order():  # skips and value embeddings follow the physical block
+        for i in self.layer_order():  # skips and VE follow the physical block
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
             ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
@@ -934,7 +933,7 @@ class GPT(nn.Module):
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
 ISOLATED_MODES = ("lora",)  # no information crosses a document start
 AUDIT_PROBES = 4  # random directions each audited distribution is projected on
-AUDIT_MAX_NOISE = 1e-2  # nats: a mode noisier than this hides leaks in its noise
+AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
 
 
 class EvalError(RuntimeError):
@@ -963,7 +962,7 @@ def audit_probes(vocab, device):
 
 class ScoreSheet:
     """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (audit_probes), the
-    loss read back from it, the worst normalization error."""
+    loss read back from it, the worst normalization."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
@@ -1034,7 +1033,7 @@ def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
     for b in range(0, len(starts), batch):
         s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
-        pad = batch - len(s)  # the last window again, unscored: one shape, one graph
+        pad = batch - len(s)  # last window again, unscored: one shape, one graph
         s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
         win = tokens[s[:, None] + offsets].to(ev.device, non_blocking=True)
         pos = (s[:, None] + ar).to(ev.device)
@@ -1053,7 +1052,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS, scoring included: adaptation stops while the rest can still be scored."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops in time to score the rest."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1135,7 +1134,7 @@ def doc_spans(tokens):
 
 
 class DocLoRA(nn.Module):
-    """Per-document rank-r adapters on every Q, V and the LM head; B starts at 0."""
+    """Per-document rank-r adapters on every Q, V and the head; B starts at 0."""
 
     def __init__(self, model, n_docs, rank, device):
         super().__init__()
@@ -1185,7 +1184,7 @@ def eval_lora(ev, tokens, sheet):
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = (valid & (q >= q0)).to(device)
-            train = n > (i + 1) * C  # documents with chunks left to score: only they need training
+            train = n > (i + 1) * C  # documents with chunks left to score
             learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
@@ -1214,7 +1213,7 @@ def eval_lora(ev, tokens, sheet):
 
 class NgramMixer:
     """Online n-gram experts (never across a BOS; hashed from order 3) smoothed towards the order below, mixed
-    with the network by weights per entropy bin, by online EM (not Hedge: records/BENCHMARKS.md)."""
+    with the network by weights per entropy bin (online EM, not Hedge: records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1232,7 +1231,7 @@ class NgramMixer:
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
         keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
-        for j in range(self.order - 1):  # context token x[t - j], a pad once a BOS lies after it
+        for j in range(self.order - 1):  # context token x[t - j], a pad if a BOS follows it
             tok = x_ext[back - j:back - j + n]
             code = code * (V + 1) + torch.where(last_bos <= idx[back - j:back - j + n], tok, V)
             rows = self.rows[j + 1]
@@ -1277,7 +1276,7 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        share_y = w * p_y / mix[:, None]  # online EM: towards each expert's share of p(target)
+        share_y = w * p_y / mix[:, None]  # online EM: to each expert's share of p(target)
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
@@ -1285,7 +1284,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); each rank's weights start afresh."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh per rank."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1316,7 +1315,7 @@ def ngram_mix(ev, sheet, tokens):
 
 
 def run_eval_mode(ev, mode, tokens, audit=False):
-    """Score `tokens` with one FINAL_EVAL mode; the weights are left as they were."""
+    """Score `tokens` with a FINAL_EVAL mode; the weights are left as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1356,7 +1355,7 @@ def overridden(args, **values):
 
 
 def gap(a, b):
-    """Largest |a - b|; inf for a NaN or an inf (every check then fails)."""
+    """Largest |a - b|; inf for a NaN or an inf (every check fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     return d if math.isfinite(d) else math.inf
 
@@ -1382,7 +1381,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
     if isolated:  # the redraw changes the batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Neither the losses before t nor the whole distribution scored at t may move.
+    # Neither the losses before t nor the distribution scored at t may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
     norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
@@ -1408,8 +1407,8 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
         if not cross <= tol:
-            problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were when "
-                            f"{int(redrawn.sum())} of {len(starts)} others were redrawn")
+            problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were "
+                            f"({int(redrawn.sum())} of {len(starts)} redrawn)")
     if problems:
         raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit: " + "; ".join(problems))
     log(f"eval_audit:{mode} ok tokens:{n} docs:{int((tokens == BOS_ID).sum())} causal_diff:{leak:.1e} "
@@ -1419,7 +1418,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export.
+# Per-row intN (round to nearest or GPTQ); one quantizer for late QAT and the export.
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1490,7 +1489,7 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (H = E[x x^T])."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian of E[x x^T]."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1523,7 +1522,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of each quantized linear layer's inputs, on training batches (never val)."""
+    """E[x x^T] of each quantized layer's inputs, on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1592,7 +1591,7 @@ def shuffle_bytes(raw, itemsize, undo=False):
 
 def serialize_quantized(qstate):
     arrays = [(name, key, e[key]) for name, e in qstate.items() for key in (("q", "scale") if e["bits"] else ("data",))]
-    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8 weights, then fp16 scales, then the rest
+    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
     header, chunks, offset = {n: dict(bits=e["bits"], arrays={}) for n, e in qstate.items()}, [], 0
     for name, key, t in arrays:
         raw = shuffle_bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), t.dtype.itemsize)
@@ -1663,7 +1662,7 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 (decompressors miss bit flips) of id + blob + compressed blob."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1675,8 +1674,7 @@ def compress_artifact(blob, compressor, level):
 
 def decompress_artifact(data):
     if data[:4] == b"PGA2":
-        raise DataError("artifact made by an older version of this script (no checksum): "
-                        "re-export it with QUANT_ONLY=final_model.pt")
+        raise DataError("artifact made by an older version of this script: re-export it with QUANT_ONLY=final_model.pt")
     if data[:4] != ARTIFACT_MAGIC or len(data) < 9:
         raise DataError("not an artifact of this script (bad magic)")
     body = data[4:5] + data[9:]
@@ -1689,7 +1687,7 @@ def decompress_artifact(data):
     name, decompress = codecs[data[4]]
     try:
         return decompress(data[9:])
-    except Exception as exc:  # each codec raises its own error type on bad input
+    except Exception as exc:  # each codec has its own error types
         raise DataError(f"artifact is truncated or corrupt ({name}: {exc})") from None
 
 
@@ -1784,7 +1782,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1, then linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
+    """1, then linear to 0 at ITERATIONS or at the cap (paced by the mean step time)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1827,7 +1825,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: short runs are no blend with the init."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: no blend with the init."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1864,7 +1862,7 @@ class WeightAverager:
 
 
 class Logger:
-    """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0 only."""
+    """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0."""
 
     path = None
 
@@ -1886,7 +1884,7 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small tensor copied to the host behind the queued work: read a step later, it never waits."""
+    """A tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
         self.event = None
@@ -1905,8 +1903,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used): a resumed
-    run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used), so a
+    resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -2023,7 +2021,7 @@ class Trainer:
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
-                if pending is not None:  # the previous step's flags, ready while this one runs
+                if pending is not None:  # the last step's flags, ready while this one runs
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
                 # torch.full launches a fill; torch.tensor(x, device=cuda) would sync.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
@@ -2140,7 +2138,7 @@ def main():
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
     if SMOKE and "DATA_PATH" not in os.environ:
-        # Built once by rank 0, from text Python ships with; other ranks wait.
+        # Built by rank 0 from text Python ships with; other ranks wait.
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from data.sample import build_sample
         if master:
