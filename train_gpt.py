@@ -1,6 +1,6 @@
 """
-Parameter Golf trainer, configured by environment variables (README): trains a GPT with Muon + Adam, averages it,
-exports it as int6 per-row + zstd-22, reloads the artifact and scores it on the validation split in bits per byte.
+Parameter Golf trainer, configured by env vars (README): trains a GPT with Muon + Adam, averages it, exports it as
+int6 per-row + zstd-22, reloads the artifact and scores it in bits per byte on the validation split.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Env vars; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
-KNOWN_ENV: dict[str, object] = {}  # name -> default
-SETTINGS: dict[str, object] = {}  # name -> value
-ENV_ERRORS: list[str] = []  # unparsable values
+KNOWN_ENV = {}  # name -> default
+SETTINGS = {}  # name -> value
+ENV_ERRORS = []  # unparsable values
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,7 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-# env("NAME", default): the attribute name.lower(). README "Configuration" describes every setting.
+# env("NAME", default): attribute name.lower(); README "Configuration" describes them.
 @settings_as_attributes
 class Hyperparameters:
     # Data and run.
@@ -106,7 +106,7 @@ class Hyperparameters:
 
     # Schedule.
     env("ITERATIONS", S(20000, 40))
-    env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
+    env("WARMUP_STEPS", S(20, 2))  # compile priming, undone
     env("WARMDOWN_ITERS", S(3500, 15))
     env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
     env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
@@ -171,7 +171,7 @@ class Hyperparameters:
     env("ATTN_BITS", 6)
     env("MLP_BITS", 6)
     env("EMBED_BITS", 8)  # 16: fp16
-    # The smoke run forces its small matrices in, for GPTQ and QAT.
+    # The smoke run quantizes its small matrices, for GPTQ and QAT.
     env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     env("QUANT_METHOD", "gptq")
     env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
@@ -192,7 +192,7 @@ class Hyperparameters:
 
     # Evaluation.
     env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # 400 s leaves the other passes room in 600 s (estimated).
+    # 400 s leaves the other passes room in 600 s.
     env("TTT_MAX_SECONDS", S(400.0, 0.0))
     env("TTT_CHUNK_TOKENS", S(32768, 512))
     env("TTT_EPOCHS", S(3, 1))
@@ -241,7 +241,7 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
-# Set by torchrun, CUDA and friends: never flagged as misspellings.
+# Set by torchrun, CUDA and friends: not misspellings.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
 
@@ -350,11 +350,11 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be numbers in (0, 1]")
     if not 0 <= args.prune_frac < args.fit_max_prune_frac < 1:
         err.append("0 <= PRUNE_FRAC < FIT_MAX_PRUNE_FRAC < 1 is required")
-    for name in ("eval_only", "quant_only"):
-        if getattr(args, name) and not os.path.isfile(getattr(args, name)):
-            err.append(f"{name.upper()}={getattr(args, name)}: no such file")
+    for name, path in (("EVAL_ONLY", args.eval_only), ("QUANT_ONLY", args.quant_only)):
+        if path and not os.path.isfile(path):
+            err.append(f"{name}={path}: no such file")
     if args.resume and not os.path.isdir(args.resume):
-        err.append(f"RESUME={args.resume}: no such checkpoint folder (a run saves checkpoints/<RUN_ID>)")
+        err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
     bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
     if bad or not modes:
@@ -641,7 +641,7 @@ def validation_byte_source(args, sp, luts, log):
         return val_bytes
     if is_caseops_tokenizer(sp):
         raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no byte sidecars: "
-                        "export the data with `data/export_shards.py --caseops`")
+                        "export it with `data/export_shards.py --caseops`")
     log("val_bytes:source=sentencepiece_luts")
     return luts
 
@@ -809,7 +809,7 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
-        mlp_in = x_in if self.parallel else x  # parallel: both lanes read the block's input
+        mlp_in = x_in if self.parallel else x  # parallel: both read the block's input
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.in_scale)
 
 
@@ -866,7 +866,7 @@ class GPT(nn.Module):
     def __init__(self, args, act_dtype=torch.float32):
         super().__init__()
         L, dim = args.num_layers, args.model_dim
-        self.act_dtype, self.logit_softcap, self.tie_embeddings = act_dtype, args.logit_softcap, args.tie_embeddings
+        self.act_dtype, self.logit_softcap = act_dtype, args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(dim) if args.smear_enabled else None
@@ -878,7 +878,7 @@ class GPT(nn.Module):
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
         self.loop_range = loop_range(args)
-        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: a graph per value
         self._init_weights(args)
 
     def _init_weights(self, args):
@@ -932,7 +932,7 @@ class GPT(nn.Module):
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
 ISOLATED_MODES = ("lora",)  # no information crosses a document start
-AUDIT_PROBES = 4  # random directions each audited distribution is projected on
+AUDIT_PROBES = 4  # random projections of an audited distribution
 AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
 
 
@@ -969,7 +969,7 @@ class ScoreSheet:
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
-        self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)|
+        self.norm_err = torch.zeros((), device=device)
         self.net_nats = None  # the network's losses once a mixture replaced `nats`
 
     @torch.no_grad()
@@ -1065,7 +1065,7 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk is scored, then trained on."""
+    """Score-first chunked TTT: each chunk scored, then trained on."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1092,7 +1092,7 @@ def eval_ttt(ev, tokens, sheet):
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
         t = time.perf_counter()
-        lo, hi = c * C, (c + 1) * C  # sequences with all targets before hi: scored already
+        lo, hi = c * C, (c + 1) * C  # all targets before hi: scored already
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
@@ -1126,7 +1126,7 @@ def eval_ttt(ev, tokens, sheet):
 
 
 def doc_spans(tokens):
-    """Documents as target ranges [start, end), from a BOS to the next BOS."""
+    """Documents as target ranges [start, end): a BOS to the next."""
     total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
@@ -1157,7 +1157,7 @@ class DocLoRA(nn.Module):
 
 
 def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT. Eager: the hooks change the graph."""
+    """Per-document score-first LoRA TTT; eager: the hooks change the graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1176,10 +1176,10 @@ def eval_lora(ev, tokens, sheet):
         hooks = lora.attach()
         for i in range(-(-int(n.max()) // C)):
             t = time.perf_counter()
-            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # this chunk's doc-relative targets [q0, qe)
+            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # doc-relative targets [q0, qe)
             w0 = torch.clamp(qe - L, min=0)
             T = int((qe - w0).max())
-            q = w0[:, None] + torch.arange(T)  # doc-relative input positions of the window
+            q = w0[:, None] + torch.arange(T)  # doc-relative input positions
             valid = q < qe[:, None]
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
@@ -1208,7 +1208,7 @@ def eval_lora(ev, tokens, sheet):
         p.requires_grad_(True)
     if skipped:
         ev.log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {ev.rank}: "
-               f"{skipped} document chunks scored without adaptation")
+               f"{skipped} document chunks not adapted to")
 
 
 class NgramMixer:
@@ -1261,14 +1261,14 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; for an `audit` whole rows too."""
+        """Mixture loss of a chunk of targets, then the update; whole rows for an `audit`."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:  # (the network's rows are checked in ScoreSheet.record)
+        if audit is not None:  # (the network's own rows: ScoreSheet.record)
             net_fp, net_row_nats = audit
             rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
@@ -1361,7 +1361,7 @@ def gap(a, b):
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """The causality audit (README) of run: tokens -> reduced audit ScoreSheet."""
+    """The causality audit (README) of run: tokens -> audit ScoreSheet."""
     def scored(tokens, **settings):  # no time budget: scores would depend on the clock
         with overridden(args, ttt_max_seconds=0.0, **settings):
             return run(tokens)
@@ -1403,7 +1403,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         redrawn = torch.rand(len(starts), generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
         c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
-        kept = ~redrawn[doc_of[:-1]]  # targets of documents left as they were
+        kept = ~redrawn[doc_of[:-1]]  # targets in documents kept
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
         if not cross <= tol:
@@ -1461,7 +1461,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip of max |w| (SDClip: sigmas x std) with least error."""
+    """Per-row fp16 scales (rows, 1): the clip of max |w| (SDClip: sigmas x std) of least error."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
@@ -1489,7 +1489,7 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian of E[x x^T]."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1499,7 +1499,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    for attempt in range(5):  # raise the damping until the Hessian factors
+    for attempt in range(5):  # more damping until the Hessian factors
         Hd = H + torch.eye(cols, device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
@@ -1522,7 +1522,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of each quantized layer's inputs, on training batches (never val)."""
+    """E[x x^T] of each quantized layer's inputs on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1715,7 +1715,7 @@ def build_artifact(qstate, args, code_bytes, log):
     if len(data) + code_bytes <= args.artifact_cap:
         return data, state
     log(f"fit_to_cap: {len(data) + code_bytes} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac "
-        f"{args.prune_frac}: searching the least pruning that fits")
+        f"{args.prune_frac}: searching the least pruning")
     lo, hi = args.prune_frac, args.fit_max_prune_frac
     best = make(hi)
     if len(best[0]) + code_bytes > args.artifact_cap:
@@ -1790,10 +1790,6 @@ def lr_scale(args, step, elapsed_ms, cap_ms):
     else:
         left = max(cap_ms - elapsed_ms, 0.0) / max(args.warmdown_iters * elapsed_ms / max(step, 1), 1e-9)
     return max(args.min_lr, min(1.0, left))
-
-
-def train_progress(args, step, elapsed_ms, cap_ms):
-    return step / max(args.iterations, 1) if cap_ms is None else elapsed_ms / cap_ms
 
 
 def seq_len_schedule(args):
@@ -1889,8 +1885,7 @@ class HostCopy:
     def __init__(self, t):
         self.event = None
         if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -1957,7 +1952,7 @@ class Trainer:
         if self.rank == 0:
             torch.save(self.averager.final()[1], "final_model.pt")
         self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} and final_model.pt; "
-                 f"continue with RESUME={self.checkpoint_dir}")
+                 f"RESUME={self.checkpoint_dir} continues")
 
     def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
@@ -1989,7 +1984,7 @@ class Trainer:
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # last step's flags (a HostCopy), read a step late: the GPU never waits
+        pending = None  # last step's flags (a HostCopy), read a step late: no GPU stall
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -2010,7 +2005,7 @@ class Trainer:
                     break
                 elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
                 scale = lr_scale(args, step, elapsed_ms, self.cap_ms)
-                progress = train_progress(args, step, elapsed_ms, self.cap_ms)
+                progress = step / max(args.iterations, 1) if self.cap_ms is None else elapsed_ms / self.cap_ms
                 seq_len = apply_schedules(self.base_model, self.muon, args, step, progress, seq_len, log)
                 loss = self.train_step(step, scale, seq_len)
                 if self.qat_layers and scale < args.late_qat_threshold:
@@ -2027,7 +2022,7 @@ class Trainer:
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
                                                       (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
-                    dist.all_reduce(flags)  # a NaN or a signal on any rank: all stop together
+                    dist.all_reduce(flags)  # a NaN or a signal anywhere: all stop together
                 pending = HostCopy(flags)
                 if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
                     remaining = f" remaining:{max(self.cap_ms - approx_ms, 0) / 1000:.0f}s" if self.cap_ms is not None else ""
@@ -2188,7 +2183,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) on the val set; on other tokens the checked ScoreSheet."""
+        """(val_loss, val_bpb) on the val set; on other tokens the ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2234,7 +2229,7 @@ def main():
 
 
 def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
-    """Every FINAL_EVAL mode, each audited first; the greppable final lines."""
+    """Every FINAL_EVAL mode, audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
