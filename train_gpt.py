@@ -1,11 +1,6 @@
 """
-Parameter Golf trainer: one file, configured by environment variables.
-
-  torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, the record setting
-  SMOKE=1 python3 train_gpt.py                                # whole pipeline, tiny, on a CPU
-
-Trains a GPT with Muon + Adam, averages it (EMA / SWA), exports it as int6 per-row + zstd-22, reloads
-the artifact and scores it on the validation split in bits per byte.
+Parameter Golf trainer, configured by env vars (README): trains a GPT with Muon + Adam, averages it, exports it as
+int6 per-row + zstd-22, reloads the artifact and scores it in bits per byte on the validation split.
 """
 from __future__ import annotations
 
@@ -38,15 +33,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
-# Every setting is an env var; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
+# Env vars; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
 # -----------------------------------------------------------------------------
 
-KNOWN_ENV: dict[str, object] = {}
-ENV_ERRORS: list[str] = []  # unparsable values, reported with the other configuration errors
+KNOWN_ENV = {}  # name -> default
+SETTINGS = {}  # name -> value
+ENV_ERRORS = []  # unparsable values
 
 
 class ConfigError(ValueError):
-    """An impossible or inconsistent setting: reported before any compute."""
+    """An impossible setting: reported before any compute."""
 
 
 class DataError(ValueError):
@@ -54,19 +50,24 @@ class DataError(ValueError):
 
 
 def env(name, default):
-    """Env var `name` parsed as the type of `default` (the PRESET's, if it sets one); registered as a setting."""
-    default = PRESETS.get(PRESET, {}).get(name, default)
-    KNOWN_ENV[name] = default
+    """Setting `name`: the env var as the type of `default` (the PRESET's, if set)."""
+    default = KNOWN_ENV[name] = SETTINGS[name] = PRESETS.get(PRESET, {}).get(name, default)
     raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        if isinstance(default, bool):
-            return {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
-        return type(default)(raw)
-    except (KeyError, ValueError):
-        ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
-        return default
+    if raw is not None:
+        try:
+            if isinstance(default, bool):
+                SETTINGS[name] = {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
+            else:
+                SETTINGS[name] = type(default)(raw)
+        except (KeyError, ValueError):
+            ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
+    return SETTINGS[name]
+
+
+def settings_as_attributes(cls):
+    for name, value in SETTINGS.items():
+        setattr(cls, name.lower(), value)
+    return cls
 
 
 PRESET, PRESETS = os.environ.get("PRESET", "seeds"), {}
@@ -77,8 +78,7 @@ def S(full, smoke):
     return smoke if SMOKE else full
 
 
-# PRESET sets defaults (an explicit env var wins; SMOKE keeps its shape): seeds = the March stack;
-# naive_baseline = the official baseline (orthogonal init and zstd stay); top = the April stack (see README).
+# PRESET sets defaults only (README).
 PRESETS["naive_baseline"] = dict(
     MLP_MULT=2.0, LEAKY_RELU_SLOPE=0.0, LN_SCALE=False, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0, SMEAR_ENABLED=False,
     VE_ENABLED=False, MATRIX_LR=0.04, SCALAR_LR=0.04, TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95,
@@ -94,158 +94,154 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-class Hyperparameters:  # README "Configuration" and "The new settings" describe every setting
-    smoke = SMOKE
+# env("NAME", default): attribute name.lower(); README "Configuration" describes them.
+@settings_as_attributes
+class Hyperparameters:
     # Data and run.
-    data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-    tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-    vocab_size = env("VOCAB_SIZE", S(1024, 512))
-    run_id = env("RUN_ID", str(uuid.uuid4()))
-    seed = env("SEED", 1337)
+    env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+    env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+    env("VOCAB_SIZE", S(1024, 512))
+    env("RUN_ID", str(uuid.uuid4()))
+    env("SEED", 1337)
 
-    # Schedule. The LR warmdown ends when MAX_WALLCLOCK_SECONDS runs out.
-    iterations = env("ITERATIONS", S(20000, 40))
-    warmup_steps = env("WARMUP_STEPS", S(20, 2))  # compile-priming steps, undone afterwards
-    warmdown_iters = env("WARMDOWN_ITERS", S(3500, 15))
-    max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
-    train_batch_tokens = env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
-    grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
+    # Schedule.
+    env("ITERATIONS", S(20000, 40))
+    env("WARMUP_STEPS", S(20, 2))  # compile priming, undone
+    env("WARMDOWN_ITERS", S(3500, 15))
+    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
+    env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
+    env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
     train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
     eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
-    eval_stride = env("EVAL_STRIDE", S(64, 32))
-    val_batch_size = env("VAL_BATCH_SIZE", S(524_288, 16384))
-    val_loss_every = env("VAL_LOSS_EVERY", S(4000, 20))
-    train_log_every = env("TRAIN_LOG_EVERY", S(200, 10))
+    env("EVAL_STRIDE", S(64, 32))
+    env("VAL_BATCH_SIZE", S(524_288, 16384))
+    env("VAL_LOSS_EVERY", S(4000, 20))
+    env("TRAIN_LOG_EVERY", S(200, 10))
 
     # Model.
-    num_layers = env("NUM_LAYERS", S(11, 3))
-    model_dim = env("MODEL_DIM", S(512, 64))
-    num_heads = env("NUM_HEADS", S(8, 4))
-    num_kv_heads = env("NUM_KV_HEADS", S(4, 2))
-    mlp_mult = env("MLP_MULT", 3.0)
-    leaky_relu_slope = env("LEAKY_RELU_SLOPE", 0.5)
-    tie_embeddings = env("TIE_EMBEDDINGS", True)
-    tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
-    rope_base = env("ROPE_BASE", 10000.0)
-    rope_dims = env("ROPE_DIMS", S(16, 8))
-    logit_softcap = env("LOGIT_SOFTCAP", 30.0)
-    qk_gain_init = env("QK_GAIN_INIT", 1.5)
-    ln_scale = env("LN_SCALE", True)
-    xsa_last_n = env("XSA_LAST_N", 11)
-    bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", S(2048, 256))
-    bigram_dim = env("BIGRAM_DIM", S(128, 32))
-    smear_enabled = env("SMEAR_ENABLED", True)
-    unet_skips = env("UNET_SKIPS", True)
-    ve_enabled = env("VE_ENABLED", True)
-    ve_dim = env("VE_DIM", S(128, 32))
-    ve_layers = env("VE_LAYERS", "-2,-1")  # python-style indices
+    env("NUM_LAYERS", S(11, 3))
+    env("MODEL_DIM", S(512, 64))
+    env("NUM_HEADS", S(8, 4))
+    env("NUM_KV_HEADS", S(4, 2))
+    env("MLP_MULT", 3.0)
+    env("LEAKY_RELU_SLOPE", 0.5)
+    env("TIE_EMBEDDINGS", True)
+    env("TIED_EMBED_INIT_STD", 0.005)
+    env("ROPE_BASE", 10000.0)
+    env("ROPE_DIMS", S(16, 8))
+    env("LOGIT_SOFTCAP", 30.0)
+    env("QK_GAIN_INIT", 1.5)
+    env("LN_SCALE", True)
+    env("XSA_LAST_N", 11)
+    env("BIGRAM_VOCAB_SIZE", S(2048, 256))
+    env("BIGRAM_DIM", S(128, 32))
+    env("SMEAR_ENABLED", True)
+    env("UNET_SKIPS", True)
+    env("VE_ENABLED", True)
+    env("VE_DIM", S(128, 32))
+    env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
-    matrix_lr = env("MATRIX_LR", 0.025)
-    scalar_lr = env("SCALAR_LR", 0.025)
-    tied_embed_lr = env("TIED_EMBED_LR", 0.035)
-    embed_lr = env("EMBED_LR", 0.6)
-    head_lr = env("HEAD_LR", 0.008)
-    muon_momentum = env("MUON_MOMENTUM", 0.99)
-    muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
-    muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
-    muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
-    muon_ns_coeffs = env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
-    muon_wd = env("MUON_WD", 0.04)
-    adam_wd = env("ADAM_WD", 0.04)
-    beta1 = env("BETA1", 0.9)
-    beta2 = env("BETA2", 0.95)
-    adam_eps = env("ADAM_EPS", 1e-8)
-    grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
+    env("MATRIX_LR", 0.025)
+    env("SCALAR_LR", 0.025)
+    env("TIED_EMBED_LR", 0.035)
+    env("EMBED_LR", 0.6)
+    env("HEAD_LR", 0.008)
+    env("MUON_MOMENTUM", 0.99)
+    env("MUON_MOMENTUM_WARMUP_START", 0.92)
+    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
+    env("MUON_BACKEND_STEPS", 5)
+    env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
+    env("MUON_WD", 0.04)
+    env("ADAM_WD", 0.04)
+    env("BETA1", 0.9)
+    env("BETA2", 0.95)
+    env("ADAM_EPS", 1e-8)
+    env("GRAD_CLIP_NORM", 0.3)
 
-    # Weight averaging: EMA every step; SWA of late checkpoints (of the EMA by default).
-    ema_enabled = env("EMA_ENABLED", True)
-    ema_decay = env("EMA_DECAY", S(0.997, 0.9))
-    swa_enabled = env("SWA_ENABLED", False)
-    swa_every = env("SWA_EVERY", S(50, 5))
-    swa_start_scale = env("SWA_START_SCALE", 0.2)  # collect once the LR scale is below this
-    swa_from_ema = env("SWA_FROM_EMA", True)
+    # Weight averaging.
+    env("EMA_ENABLED", True)
+    env("EMA_DECAY", S(0.997, 0.9))
+    env("SWA_ENABLED", False)
+    env("SWA_EVERY", S(50, 5))
+    env("SWA_START_SCALE", 0.2)
+    env("SWA_FROM_EMA", True)
 
     # Export.
-    attn_bits = env("ATTN_BITS", 6)
-    mlp_bits = env("MLP_BITS", 6)
-    embed_bits = env("EMBED_BITS", 8)  # 16: fp16
-    # "REGEX:BITS,..." on tensor names, applied last. The smoke run forces its small matrices in, for GPTQ and QAT.
-    quant_overrides = env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    quant_method = env("QUANT_METHOD", "gptq")
-    quant_clip_ratios = env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
-    gptq_block_size = env("GPTQ_BLOCK_SIZE", 128)
-    gptq_damp = env("GPTQ_DAMP", 0.01)
-    gptq_act_order = env("GPTQ_ACT_ORDER", True)
-    gptq_calib_batches = env("GPTQ_CALIB_BATCHES", S(8, 4))
-    gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
-    late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)
-    prune_frac = env("PRUNE_FRAC", 0.0)
-    compressor = env("COMPRESSOR", "zstd")
-    zstd_level = env("ZSTD_LEVEL", 22)
-    artifact_cap = env("ARTIFACT_CAP", 16_000_000)
-    fit_max_prune_frac = env("FIT_MAX_PRUNE_FRAC", 0.5)
-    eval_only = env("EVAL_ONLY", "")
-    quant_only = env("QUANT_ONLY", "")
-    resume = env("RESUME", "")
+    env("ATTN_BITS", 6)
+    env("MLP_BITS", 6)
+    env("EMBED_BITS", 8)  # 16: fp16
+    # The smoke run quantizes its small matrices, for GPTQ and QAT.
+    env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
+    env("QUANT_METHOD", "gptq")
+    env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
+    env("GPTQ_BLOCK_SIZE", 128)
+    env("GPTQ_DAMP", 0.01)
+    env("GPTQ_ACT_ORDER", True)
+    env("GPTQ_CALIB_BATCHES", S(8, 4))
+    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
+    env("LATE_QAT_THRESHOLD", 0.15)
+    env("PRUNE_FRAC", 0.0)
+    env("COMPRESSOR", "zstd")
+    env("ZSTD_LEVEL", 22)
+    env("ARTIFACT_CAP", 16_000_000)
+    env("FIT_MAX_PRUNE_FRAC", 0.5)
+    env("EVAL_ONLY", "")
+    env("QUANT_ONLY", "")
+    env("RESUME", "")
 
-    # Evaluation. The FINAL_EVAL modes run in order; the last one gives the score.
-    final_eval = env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # Per TTT mode, scoring included; 0: no limit. 400 s leaves the other passes room in 600 s (estimated).
-    ttt_max_seconds = env("TTT_MAX_SECONDS", S(400.0, 0.0))
-    ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", S(32768, 512))
-    ttt_epochs = env("TTT_EPOCHS", S(3, 1))
-    ttt_optimizer = env("TTT_OPTIMIZER", "sgd")
-    ttt_lr = env("TTT_LR", 0.002)
-    ttt_momentum = env("TTT_MOMENTUM", 0.9)
-    ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
-    ttt_batch_seqs = env("TTT_BATCH_SEQS", S(32, 4))
-    ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
-    ttt_lora_rank = env("TTT_LORA_RANK", 8)
-    ttt_lora_lr = env("TTT_LORA_LR", 0.01)
+    # Evaluation.
+    env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
+    # 400 s leaves the other passes room in 600 s.
+    env("TTT_MAX_SECONDS", S(400.0, 0.0))
+    env("TTT_CHUNK_TOKENS", S(32768, 512))
+    env("TTT_EPOCHS", S(3, 1))
+    env("TTT_OPTIMIZER", "sgd")
+    env("TTT_LR", 0.002)
+    env("TTT_MOMENTUM", 0.9)
+    env("TTT_FREEZE_BLOCKS", 0)
+    env("TTT_BATCH_SEQS", S(32, 4))
+    env("TTT_GRAD_CLIP", 1.0)
+    env("TTT_LORA_RANK", 8)
+    env("TTT_LORA_LR", 0.01)
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
-    ttt_lora_chunk = env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
-    ttt_lora_batch = env("TTT_LORA_BATCH", S(64, 8))
-    ngram_order = env("NGRAM_ORDER", 4)
-    ngram_buckets = env("NGRAM_BUCKETS", S(65536, 4096))  # context rows per order from order 3
-    ngram_prior = env("NGRAM_PRIOR", 3.0)
-    ngram_eta = env("NGRAM_ETA", 0.01)
-    ngram_init_weight = env("NGRAM_INIT_WEIGHT", 0.1)
-    ngram_entropy_bins = env("NGRAM_ENTROPY_BINS", 8)
-    ngram_chunk = env("NGRAM_CHUNK", 512)
+    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
+    env("TTT_LORA_BATCH", S(64, 8))
+    env("NGRAM_ORDER", 4)
+    env("NGRAM_BUCKETS", S(65536, 4096))
+    env("NGRAM_PRIOR", 3.0)
+    env("NGRAM_ETA", 0.01)
+    env("NGRAM_INIT_WEIGHT", 0.1)
+    env("NGRAM_ENTROPY_BINS", 8)
+    env("NGRAM_CHUNK", 512)
 
-    # The April stack (PRESET=top), off by default. Progress: step / ITERATIONS, or time / wallclock cap.
-    preset = env("PRESET", "seeds")
-    loop_layers = env("LOOP_LAYERS", "")
-    loop_repeats = env("LOOP_REPEATS", 2)
-    loop_start_frac = env("LOOP_START_FRAC", 0.0)
-    parallel_from = env("PARALLEL_FROM", 0)
-    attn_gate_dims = env("ATTN_GATE_DIMS", 0)
-    muon_row_norm = env("MUON_ROW_NORM", False)
-    normuon = env("NORMUON", False)
-    normuon_beta2 = env("NORMUON_BETA2", 0.95)
-    min_lr = env("MIN_LR", 0.0)
-    muon_wd_taper_start = env("MUON_WD_TAPER_START", 1.0)
-    muon_wd_final = env("MUON_WD_FINAL", 0.0)
-    ema_half_life_frac = env("EMA_HALF_LIFE_FRAC", 0.0)
-    seq_len_schedule = env("SEQ_LEN_SCHEDULE", "")
-    embed_clip_sigmas = env("EMBED_CLIP_SIGMAS", 0.0)
-    embed_gptq = env("EMBED_GPTQ", False)
+    # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
+    env("PRESET", "seeds")
+    env("LOOP_LAYERS", "")
+    env("LOOP_REPEATS", 2)
+    env("LOOP_START_FRAC", 0.0)
+    env("PARALLEL_FROM", 0)
+    env("ATTN_GATE_DIMS", 0)
+    env("MUON_ROW_NORM", False)
+    env("NORMUON", False)
+    env("NORMUON_BETA2", 0.95)
+    env("MIN_LR", 0.0)
+    env("MUON_WD_TAPER_START", 1.0)
+    env("MUON_WD_FINAL", 0.0)
+    env("EMA_HALF_LIFE_FRAC", 0.0)
+    env("SEQ_LEN_SCHEDULE", "")
+    env("EMBED_CLIP_SIGMAS", 0.0)
+    env("EMBED_GPTQ", False)
 
     # Runtime.
-    compile = env("COMPILE", True)
-    attn_backend = env("ATTN_BACKEND", "auto")
+    env("COMPILE", True)
+    env("ATTN_BACKEND", "auto")
 
-    @property
-    def train_files(self):
-        return os.path.join(self.data_path, "fineweb_train_*.bin")
-
-    @property
-    def val_files(self):
-        return os.path.join(self.data_path, "fineweb_val_*.bin")
+    train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
+    val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
-# Variables that torchrun, CUDA and friends set: never flagged as misspellings.
+# Set by torchrun, CUDA and friends: not misspellings.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
 
@@ -254,12 +250,12 @@ def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
-            out.append(f"WARNING: env {name} is not a setting: settings are upper case, did you mean {name.upper()}? (ignored)")
+            out.append(f"WARNING: env {name} ignored: settings are upper case, did you mean {name.upper()}?")
         if name in KNOWN_ENV or name in FOREIGN_ENV or not name.isupper():
             continue
         close = difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)
         if close:
-            out.append(f"WARNING: env {name} is not a setting; did you mean {close[0]}? (ignored)")
+            out.append(f"WARNING: env {name} ignored: not a setting, did you mean {close[0]}?")
     return out
 
 
@@ -289,7 +285,7 @@ def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
-# Settings with a lower bound; the checks after these divide by some of them.
+# Lower bounds; the later checks divide by some of these.
 AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
               "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
               "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
@@ -306,7 +302,6 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
 
 
 def check_ranges(args):
-    """Every float finite; every setting in its bounds or choices."""
     value = lambda name: getattr(args, name.lower())  # noqa: E731
     err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
            if isinstance(d, float) and not math.isfinite(value(n))]
@@ -316,12 +311,11 @@ def check_ranges(args):
     err += [f"{n}={value(n)} must be in [0, 1)" for n in BELOW_1 if not 0 <= value(n) < 1]
     err += [f"{n}={value(n)} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value(n) not in c]
     if args.vocab_size < 4:
-        err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are the tokenizer's special pieces)")
+        err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are special)")
     return err
 
 
 def validate_config(args, world_size, grad_accum_steps):
-    """Refuse impossible settings before any data is read or compute spent."""
     err = list(ENV_ERRORS) + check_ranges(args)
     if err:  # the checks below assume these
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
@@ -336,8 +330,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if args.rope_dims % 2 or not 0 < args.rope_dims <= head_dim:
             err.append(f"ROPE_DIMS={args.rope_dims} must be even and in 2..head dim {head_dim}")
     if 8 % world_size and not args.grad_accum_steps:
-        err.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation keeps the 8-GPU batch), "
-                   "or set GRAD_ACCUM_STEPS")
+        err.append(f"WORLD_SIZE={world_size} must divide 8, or set GRAD_ACCUM_STEPS")
     elif grad_accum_steps < 1 or args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
         err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by WORLD_SIZE x "
                    f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
@@ -357,19 +350,17 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be numbers in (0, 1]")
     if not 0 <= args.prune_frac < args.fit_max_prune_frac < 1:
         err.append("0 <= PRUNE_FRAC < FIT_MAX_PRUNE_FRAC < 1 is required")
-    for name in ("eval_only", "quant_only"):
-        if getattr(args, name) and not os.path.isfile(getattr(args, name)):
-            err.append(f"{name.upper()}={getattr(args, name)}: no such file")
+    for name, path in (("EVAL_ONLY", args.eval_only), ("QUANT_ONLY", args.quant_only)):
+        if path and not os.path.isfile(path):
+            err.append(f"{name}={path}: no such file")
     if args.resume and not os.path.isdir(args.resume):
-        err.append(f"RESUME={args.resume}: no such checkpoint folder (an interrupted run saves checkpoints/<RUN_ID>)")
+        err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
     bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
     if bad or not modes:
-        err.append(f"FINAL_EVAL={args.final_eval}: each mode must be one of {', '.join(NETWORK_MODES)}, "
-                   "optionally followed by +ngram")
+        err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +ngram")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
-        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}: "
-                   "a window must hold the whole chunk it scores")
+        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}")
     if args.ttt_freeze_blocks > args.num_layers:
         err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
@@ -379,10 +370,10 @@ def validate_config(args, world_size, grad_accum_steps):
         if coeffs is not POLAR_EXPRESS and (len(coeffs) != 3 or not all(map(math.isfinite, coeffs))):
             raise ValueError
     except ValueError:
-        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three comma-separated numbers a,b,c, or polar")
+        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three numbers a,b,c or polar")
     try:
         ve_layer_indices(args)
-    except ValueError as e:  # a ConfigError
+    except ValueError as e:
         err.append(str(e))
     try:
         loop_range(args)
@@ -398,17 +389,17 @@ def validate_config(args, world_size, grad_accum_steps):
             raise ValueError
     except ValueError:
         err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
-                   f"each LEN <= TRAIN_SEQ_LEN dividing the {local}-token micro-batch")
+                   f"each LEN <= TRAIN_SEQ_LEN dividing {local}")
     if err:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
 
 
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
-# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations, shared out across ranks.
+# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations.
 # -----------------------------------------------------------------------------
 
-# Polar Express (Amsel et al. 2025): a quintic per iteration, each optimal for the spectrum left by the last.
+# Polar Express (Amsel et al. 2025): quintics, each optimal for the spectrum the last leaves.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -417,12 +408,11 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def ns_coefficients(spec):
-    """MUON_NS_COEFFS: "a,b,c" for every iteration, or "polar"."""
     return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """U V^T of G = U S V^T, approximately; coeffs: one (a, b, c), or one per iteration (the last repeats)."""
+    """~U V^T of G = U S V^T; coeffs: (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -437,7 +427,7 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes parameters r, r + world, ...; a round's all-reduce overlaps the next round's work."""
+    """Rank r orthogonalizes params r, r + world, ...; a round's all-reduce overlaps the next."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -445,10 +435,10 @@ class Muon(torch.optim.Optimizer):
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
     def orthogonalize(self, p, g, group):
-        if self.row_norm:  # MuonEq-R: every row (output neuron) of the update enters with unit norm
+        if self.row_norm:  # MuonEq-R: unit-norm rows
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
-        if self.normuon_beta2:  # NorMuon: divide each row by its running RMS, then restore the update's norm
+        if self.normuon_beta2:  # NorMuon: rows over their running RMS, same norm
             g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
             v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
             n = g.norm()
@@ -493,8 +483,8 @@ class Muon(torch.optim.Optimizer):
 
 # -----------------------------------------------------------------------------
 # TOKENIZER-AGNOSTIC EVALUATION SETUP
-# val_bpb = total nats / (ln 2 x total UTF-8 bytes of the text the targets decode to).
-# A piece's leading "\u2581" is one space byte, except right after a boundary token (BOS).
+# val_bpb = total nats / (ln 2 x UTF-8 bytes of the text the targets decode to).
+# A piece's leading "\u2581" is a space byte, except right after a boundary token (BOS).
 # -----------------------------------------------------------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
@@ -517,7 +507,7 @@ def build_sentencepiece_luts(sp, vocab_size, device):
             torch.tensor(is_boundary, device=device))
 
 
-# CaseOps controls (data/caseops.py): such a tokenizer's tables count transformed text; its sidecars the original.
+# CaseOps controls (data/caseops.py): tables count transformed text, byte sidecars the original.
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -526,7 +516,7 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables, or a byte sidecar (per token)."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables or a byte sidecar."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -542,11 +532,10 @@ def target_bytes(tokens, luts):
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: same layout, never readable as a token shard
+VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never readable as a token shard
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
-    """Check a shard's header and size, reading no token; returns its token count."""
     path = str(path)
     size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
@@ -573,17 +562,15 @@ def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
 def shard_files(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {what} shards match {pattern}: download them with "
-                                "`python3 data/cached_challenge_fineweb.py --variant sp1024` or set DATA_PATH")
+        raise FileNotFoundError(f"no {what} shards match {pattern}: download them "
+                                "(data/cached_challenge_fineweb.py) or set DATA_PATH")
     return files
 
 
 class TokenStream:
-    """The shards in order, forever, as contiguous token spans."""
-
     def __init__(self, pattern, vocab_size):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
-        for f in self.files:  # every header and size now: a bad shard found mid-run wastes the run up to it
+        for f in self.files:  # a bad shard found mid-run wastes the run
             shard_token_count(f)
         self.seek(0, 0)
 
@@ -604,8 +591,6 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step, every rank takes its slice of one shared chunk (plus one token for targets)."""
-
     def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
 
@@ -626,38 +611,37 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original bytes, from CaseOps sidecars (fineweb_valbytes_N.bin); None if there are none."""
+    """Each val token's original bytes from CaseOps sidecars, or None."""
     shards = shard_files(pattern, "validation")
     if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
-        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (another CaseOps layout): they would be "
-                        "read as tokens. Export the data again with `data/export_shards.py --caseops`")
+        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
+                        "with `data/export_shards.py --caseops`")
     sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_valbytes_", 1))
                 for f in shards]
     present = [os.path.isfile(f) for f in sidecars]
     if not any(present):
         return None
     if not all(present):
-        raise DataError(f"{sidecars[present.index(False)]} is missing: every val shard needs its byte sidecar, "
-                        "or none may have one. Export the dataset again")
+        raise DataError(f"{sidecars[present.index(False)]} is missing (all val shards or none have one): "
+                        "export the dataset again")
     counts = []
     for shard, sidecar in zip(shards, sidecars):
         counts.append(load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
         if len(counts[-1]) != int(np.fromfile(shard, dtype="<i4", count=3)[2]):
-            raise DataError(f"{sidecar} has {len(counts[-1])} counts but {shard} has a different number of "
-                            "tokens: they come from different exports. Export the dataset again")
-    return torch.from_numpy(np.concatenate(counts).astype(np.int64))  # aligned with load_validation_tokens
+            raise DataError(f"{sidecar} has {len(counts[-1])} counts, {shard} another token count: "
+                            "export the dataset again")
+    return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
 def validation_byte_source(args, sp, luts, log):
-    """The byte sidecars, else the tables: refused for CaseOps, whose tables count the transformed text."""
     val_bytes = load_validation_bytes(args.val_files)
     if val_bytes is not None:
         log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
             f"bytes:{int(val_bytes[1:].sum())}")
         return val_bytes
     if is_caseops_tokenizer(sp):
-        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no "
-                        "fineweb_valbytes_* byte sidecars: export the data with `data/export_shards.py --caseops`")
+        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no byte sidecars: "
+                        "export it with `data/export_shards.py --caseops`")
     log("val_bytes:source=sentencepiece_luts")
     return luts
 
@@ -674,8 +658,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights, computed in the activation dtype. Late QAT: the buffer `qat_delta` (compiled graphs
-    read a buffer's current value) = fake_quantize(w) - w: forward sees quantized weights, gradients reach w."""
+    """fp32 weights in the activation dtype. Late QAT: the buffer `qat_delta` = fake_quantize(w) - w (compiled
+    graphs read its current value): forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -688,7 +672,6 @@ class CastedLinear(nn.Linear):
 
 
 def prepare_qat(model, args):
-    """Give every linear layer the export quantizes a zero QAT delta; returns those layers."""
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
@@ -708,7 +691,6 @@ SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if
 
 
 def select_attention(requested, device):
-    """FlashAttention 3, then 2, then SDPA (CPU: SDPA); an explicit request (sdpa_<kernel>: that kernel) must be met."""
     candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
     order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
     for name in order:
@@ -738,7 +720,7 @@ def causal_attention(q, k, v):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head, NTK-scaled past the training length."""
+    """RoPE on a head's first `dims` dims, NTK-scaled past the training length."""
 
     def __init__(self, dims, base, train_seq_len):
         super().__init__()
@@ -761,7 +743,7 @@ def apply_rotary(x, cos, sin, dims):
 
 
 def exclusive_self_attention(y, v):
-    """XSA: drop from each head's output its component along the token's own value vector."""
+    """XSA: drop each head output's component along the token's own value."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -779,7 +761,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
         self.rope_dims, self.xsa = args.rope_dims, xsa
-        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero-initialized, so it starts as the identity.
+        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init is the identity.
         self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
@@ -792,7 +774,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(T, x.device)
         q = apply_rotary(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain.to(x.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin, self.rope_dims)
-        # FlashAttention needs bf16/fp16 inputs exactly: nothing upstream may have promoted to fp32.
+        # FlashAttention needs bf16/fp16: undo any promotion to fp32.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -827,12 +809,12 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
-        mlp_in = x_in if self.parallel else x  # parallel: both lanes read the block's input
+        mlp_in = x_in if self.parallel else x  # parallel: both read the block's input
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.in_scale)
 
 
 class SmearGate(nn.Module):
-    """Blend each position with the previous one by a learned per-dim gate; a BOS keeps its own."""
+    """Blend each position with the previous by a per-dim gate; a BOS keeps its own."""
 
     def __init__(self, dim):
         super().__init__()
@@ -846,7 +828,7 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous token."""
+    """Hashed (previous, current) token pair embedding; slot `size - 1`: no previous."""
 
     def __init__(self, size, dim, model_dim):
         super().__init__()
@@ -867,7 +849,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """One token embedding shared by several layers, added to their attention values."""
+    """A token embedding added to several layers' attention values."""
 
     def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
@@ -884,19 +866,19 @@ class GPT(nn.Module):
     def __init__(self, args, act_dtype=torch.float32):
         super().__init__()
         L, dim = args.num_layers, args.model_dim
-        self.act_dtype, self.logit_softcap, self.tie_embeddings = act_dtype, args.logit_softcap, args.tie_embeddings
+        self.act_dtype, self.logit_softcap = act_dtype, args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(dim) if args.smear_enabled else None
         self.blocks = nn.ModuleList(Block(args, i, xsa=i >= L - args.xsa_last_n) for i in range(L))
         self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first-half outputs feed second-half inputs
+        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first half feeds second half
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
-        self.head_input = nn.Identity()  # where GPTQ of tied embeddings reads the head's inputs
+        self.head_input = nn.Identity()  # for GPTQ of tied embeddings
         self.loop_range = loop_range(args)
-        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # a Python int: a graph per value
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: a graph per value
         self._init_weights(args)
 
     def _init_weights(self, args):
@@ -907,7 +889,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
     def layer_order(self):
-        """Blocks in run order: with looping on, the loop range runs loop_passes times in a row."""
         order = list(range(len(self.blocks)))
         if self.loop_passes > 1:
             a, b = self.loop_range
@@ -923,7 +904,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips = x, {}
         ve = self.ve(ids, x.dtype) if self.ve is not None else None
-        for i in self.layer_order():  # skips and value embeddings follow the physical block
+        for i in self.layer_order():  # skips and VE follow the physical block
             if 0 <= i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips[2 * self.num_encoder - 1 - i]
             ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
@@ -932,13 +913,12 @@ class GPT(nn.Module):
                 skips[i] = x
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        if head_delta is not None:  # a per-document LoRA on the head (eval_lora)
+        if head_delta is not None:
             logits = logits + head_delta(x)
         logits = logits.float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward(self, ids, targets=None):
-        """Per-token cross-entropy in nats (B, T); the logits without targets."""
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -947,22 +927,22 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit: README "What the script does".
+# The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
 # -----------------------------------------------------------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
-ISOLATED_MODES = ("lora",)  # modes that promise no information crosses a document start
-AUDIT_PROBES = 4  # random directions each scored distribution is projected on, for the audit
-AUDIT_MAX_NOISE = 1e-2  # nats: a mode whose repeated scores differ by more hides leaks in its noise
+ISOLATED_MODES = ("lora",)  # no information crosses a document start
+AUDIT_PROBES = 4  # random projections of an audited distribution
+AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
 
 
 class EvalError(RuntimeError):
-    """A mode broke its contract (a target scored twice or never, a leak): no score."""
+    """A mode broke its contract (a target scored twice or never, a leak)."""
 
 
 @dataclass
 class Evaluation:
-    """What a mode needs: `model` (maybe compiled) scores; `base_model` is what TTT adapts and LoRA hooks."""
+    """`model` (maybe compiled) scores; TTT adapts and LoRA hooks `base_model`."""
     args: object
     model: nn.Module
     base_model: nn.Module
@@ -972,27 +952,25 @@ class Evaluation:
     log: object = print
 
     def share(self, n):
-        """This rank's contiguous part of n items."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
 
 @functools.lru_cache(maxsize=4)
 def audit_probes(vocab, device):
-    """(vocab, AUDIT_PROBES) fixed random directions: equal projections mean equal distributions."""
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: the loss, the entropy of the scored distribution, a hit count; for an audit also each distribution's
-    fingerprint (on audit_probes), the loss read back from it and the worst normalization error."""
+    """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (audit_probes), the
+    loss read back from it, the worst normalization."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
-        self.norm_err = torch.zeros((), device=device)  # worst |log sum_v p(v)| of a scored distribution
-        self.net_nats = None  # the network's own losses, once a mixture has replaced `nats`
+        self.norm_err = torch.zeros((), device=device)
+        self.net_nats = None  # the network's losses once a mixture replaced `nats`
 
     @torch.no_grad()
     def record(self, pos, logits, y):
@@ -1026,13 +1004,12 @@ class ScoreSheet:
                             f"(target {p} scored {int(self.hits[p])} times)")
 
     def result(self, tokens, luts):
-        """(val_loss in nats per token, val_bpb), after checking every target was scored once."""
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
         if not math.isfinite(nats):
-            raise EvalError(f"the validation loss is {nats}: the model gives non-finite probabilities. "
-                            "No score; check the training log for divergence and the artifact for damage")
+            raise EvalError(f"the validation loss is {nats} (non-finite probabilities): check the training log "
+                            "and the artifact")
         return nats / nbytes.numel(), nats / (math.log(2) * nbytes.sum().item())
 
 
@@ -1041,7 +1018,7 @@ def autocast_ctx(device):
 
 
 def window_plan(total, seq_len, stride):
-    """Window starts for `total` targets, and the first target each window scores."""
+    """Window starts, and each window's first scored target."""
     if total <= seq_len:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
@@ -1052,12 +1029,11 @@ def window_plan(total, seq_len, stride):
 
 @torch.no_grad()
 def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
-    """Score windows tokens[s : s + seq_len + 1] at their targets >= score_from."""
     offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
     for b in range(0, len(starts), batch):
         s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
-        pad = batch - len(s)  # repeat the last window, unscored: one shape, one compiled graph
+        pad = batch - len(s)  # last window again, unscored: one shape, one graph
         s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
         win = tokens[s[:, None] + offsets].to(ev.device, non_blocking=True)
         pos = (s[:, None] + ar).to(ev.device)
@@ -1076,7 +1052,7 @@ def eval_windows(ev, tokens, sheet, stride):
 
 
 class Budget:
-    """TTT_MAX_SECONDS, scoring included: adaptation stops while the time left still covers scoring the rest."""
+    """TTT_MAX_SECONDS, scoring included: adaptation stops in time to score the rest."""
 
     def __init__(self, seconds):
         self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
@@ -1089,7 +1065,7 @@ class Budget:
 
 
 def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: a chunk's windows (by first scored target) are scored, then the model trains on it."""
+    """Score-first chunked TTT: each chunk scored, then trained on."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
     total = tokens.numel() - 1
     seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
@@ -1111,12 +1087,12 @@ def eval_ttt(ev, tokens, sheet):
             break
         ok = torch.tensor(float(adapting and budget.adapt_ok((c + 1) / n_chunks, step_s)), device=device)
         if world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank stops adapting at the same chunk
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks stop at the same chunk
         if not ok.item():
             adapting, stopped_at = False, stopped_at if stopped_at is not None else c
             continue
         t = time.perf_counter()
-        lo, hi = c * C, (c + 1) * C  # train on sequences whose targets all lie before hi: all scored by now
+        lo, hi = c * C, (c + 1) * C  # all targets before hi: scored already
         n_tok = min(seq_len, hi)
         seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
@@ -1146,11 +1122,11 @@ def eval_ttt(ev, tokens, sheet):
         p.requires_grad_(True)
     if stopped_at is not None:
         ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
-               f"{stopped_at}/{n_chunks}, scoring went on")
+               f"{stopped_at}/{n_chunks}")
 
 
 def doc_spans(tokens):
-    """Documents as target ranges [start, end): inputs start at a BOS; the last target is the next BOS."""
+    """Documents as target ranges [start, end): a BOS to the next."""
     total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
     if not len(starts) or starts[0] != 0:
         starts = np.concatenate(([0], starts))
@@ -1158,13 +1134,13 @@ def doc_spans(tokens):
 
 
 class DocLoRA(nn.Module):
-    """Rank-r adapters per document on every attention's Q and V and the LM head; B starts at 0."""
+    """Per-document rank-r adapters on every Q, V and the head; B starts at 0."""
 
     def __init__(self, model, n_docs, rank, device):
         super().__init__()
         self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
         shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
-        g = torch.Generator().manual_seed(0)  # the same start for every document: scores do not depend on batching
+        g = torch.Generator().manual_seed(0)  # one start for all: scores independent of batching
         self.A = nn.ParameterList((torch.randn(1, i, rank, generator=g) / math.sqrt(i)).repeat(n_docs, 1, 1).to(device)
                                   for i, _ in shapes)
         self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
@@ -1181,7 +1157,7 @@ class DocLoRA(nn.Module):
 
 
 def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT: each chunk scored, then trained on. Eager: the hooks change the graph."""
+    """Per-document score-first LoRA TTT; eager: the hooks change the graph."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     lens = ends - starts
@@ -1200,15 +1176,15 @@ def eval_lora(ev, tokens, sheet):
         hooks = lora.attach()
         for i in range(-(-int(n.max()) // C)):
             t = time.perf_counter()
-            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # this chunk's doc-relative targets [q0, qe)
+            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # doc-relative targets [q0, qe)
             w0 = torch.clamp(qe - L, min=0)
             T = int((qe - w0).max())
-            q = w0[:, None] + torch.arange(T)  # doc-relative input positions of the window
+            q = w0[:, None] + torch.arange(T)  # doc-relative input positions
             valid = q < qe[:, None]
             pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = (valid & (q >= q0)).to(device)
-            train = n > (i + 1) * C  # documents with chunks still to score: training the others changes no score
+            train = n > (i + 1) * C  # documents with chunks left to score
             learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
@@ -1232,13 +1208,12 @@ def eval_lora(ev, tokens, sheet):
         p.requires_grad_(True)
     if skipped:
         ev.log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {ev.rank}: "
-               f"{skipped} document chunks scored without adaptation")
+               f"{skipped} document chunks not adapted to")
 
 
 class NgramMixer:
-    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below by
-    NGRAM_PRIOR, mixed with the network by weights per bin of its entropy that follow online EM: stable where Hedge
-    diverges, and unlike Hedge on each expert's loss no collapse onto one expert (records/BENCHMARKS.md)."""
+    """Online n-gram experts (never across a BOS; hashed from order 3) smoothed towards the order below, mixed
+    with the network by weights per entropy bin (online EM, not Hedge: records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
         V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
@@ -1251,12 +1226,12 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens, V-padded)."""
+        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
         keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
-        for j in range(self.order - 1):  # context token x[t - j], a pad once a BOS lies after it
+        for j in range(self.order - 1):  # context token x[t - j], a pad if a BOS follows it
             tok = x_ext[back - j:back - j + n]
             code = code * (V + 1) + torch.where(last_bos <= idx[back - j:back - j + n], tok, V)
             rows = self.rows[j + 1]
@@ -1264,13 +1239,13 @@ class NgramMixer:
         return keys
 
     def expert_probs(self, keys, y, cand):
-        """(order, T, J): each order's probability of the candidates cand (T, J)."""
+        """(order, T, J): each order's probability of the candidates (T, J)."""
         T = len(y)
         earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
         p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
         for k, key in enumerate(keys):
-            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier targets of this chunk, same context
-            if cand.size(1) == 1:  # the scoring path: only the target's count
+            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier in this chunk, same context
+            if cand.size(1) == 1:  # scoring: only the target's count
                 seen = (same * (y[None, :] == cand)).sum(1, keepdim=True)
             else:
                 seen = (same @ F.one_hot(y, self.V).float()).gather(1, cand)
@@ -1286,14 +1261,14 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; whole rows too with `audit` (network fp, row loss)."""
+        """Mixture loss of a chunk of targets, then the update; whole rows for an `audit`."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:  # the network's rows are checked where they are scored (ScoreSheet.record)
+        if audit is not None:  # (the network's own rows: ScoreSheet.record)
             net_fp, net_row_nats = audit
             rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
@@ -1301,7 +1276,7 @@ class NgramMixer:
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
             at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        share_y = w * p_y / mix[:, None]  # online EM: weights move towards each expert's share of p(target)
+        share_y = w * p_y / mix[:, None]  # online EM: to each expert's share of p(target)
         n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
@@ -1309,7 +1284,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (`net_nats` kept); each rank's weights start afresh on its segment."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh per rank."""
     args, device, audit = ev.args, ev.device, sheet.fp is not None
     t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
@@ -1340,7 +1315,7 @@ def ngram_mix(ev, sheet, tokens):
 
 
 def run_eval_mode(ev, mode, tokens, audit=False):
-    """Score `tokens` with one FINAL_EVAL mode; the model's weights are left as they were."""
+    """Score `tokens` with a FINAL_EVAL mode; the weights are left as they were."""
     net, _, mix = mode.partition("+")
     sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
     if net == "ttt":
@@ -1358,7 +1333,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
 
 
 def random_documents(min_tokens, min_docs, args, g):
-    """At least min_tokens + 1 tokens of >= min_docs random BOS-led documents, 1 token to 3 windows long."""
+    """>= min_tokens + 1 tokens of >= min_docs random documents of 1 token to 3 windows."""
     lens, top = [], math.log(3 * args.eval_seq_len)
     while sum(lens) < min_tokens + 1 or len(lens) < min_docs:
         lens.append(max(1, int(math.exp(float(torch.rand((), generator=g)) * top))))
@@ -1369,7 +1344,6 @@ def random_documents(min_tokens, min_docs, args, g):
 
 @contextmanager
 def overridden(args, **values):
-    """Settings changed for the duration of a block."""
     saved = {k: getattr(args, k) for k in values}
     for k, v in values.items():
         setattr(args, k, v)
@@ -1381,14 +1355,14 @@ def overridden(args, **values):
 
 
 def gap(a, b):
-    """Largest |a - b|; inf when either holds a NaN or an inf (every check then fails)."""
+    """Largest |a - b|; inf for a NaN or an inf (every check fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     return d if math.isfinite(d) else math.inf
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """The causality audit (README "What the script does") of run(tokens) -> reduced audit ScoreSheet."""
-    def scored(tokens, **settings):  # no time budget: it makes scores depend on the clock, not the tokens
+    """The causality audit (README) of run: tokens -> audit ScoreSheet."""
+    def scored(tokens, **settings):  # no time budget: scores would depend on the clock
         with overridden(args, ttt_max_seconds=0.0, **settings):
             return run(tokens)
 
@@ -1404,10 +1378,10 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol, batch_noise = 4 * noise + 1e-6, 0.0
-    if isolated:  # batches follow document lengths, which the redraw changes: rebatching noise sets the tolerance
+    if isolated:  # the redraw changes the batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Neither the losses before t nor the whole distribution scored at t (not even its own target) may move.
+    # Neither the losses before t nor the distribution scored at t may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
     norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
@@ -1415,14 +1389,13 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         problems.append("a loss or a scored distribution is not finite")
     if not noise <= AUDIT_MAX_NOISE:
         problems.append(f"the mode is not repeatable: scoring the same tokens twice moved a loss by {noise:.2e} "
-                        f"nats (> {AUDIT_MAX_NOISE}): state kept between evaluations, or kernels too "
-                        "nondeterministic for the audit to see a leak")
+                        f"nats (> {AUDIT_MAX_NOISE}): state kept between runs, or nondeterministic kernels")
     if not leak <= 4 * max(noise, batch_noise) + 1e-6:
         problems.append(f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed")
     if not mismatch <= tol:
         problems.append(f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target")
     if not norm <= 1e-3:
-        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1 over the vocabulary")
+        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1")
     isolation = "n/a"
     if isolated:
         starts, _ = doc_spans(tokens)
@@ -1430,14 +1403,14 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         redrawn = torch.rand(len(starts), generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
         c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
-        kept = ~redrawn[doc_of[:-1]]  # targets whose document was left as it was
+        kept = ~redrawn[doc_of[:-1]]  # targets in documents kept
         cross = gap(a.network_nats[kept], c.network_nats[kept])
         isolation = f"{cross:.1e}"
         if not cross <= tol:
-            problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were when "
-                            f"{int(redrawn.sum())} of {len(starts)} others were redrawn")
+            problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were "
+                            f"({int(redrawn.sum())} of {len(starts)} redrawn)")
     if problems:
-        raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit and cannot give a score: " + "; ".join(problems))
+        raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit: " + "; ".join(problems))
     log(f"eval_audit:{mode} ok tokens:{n} docs:{int((tokens == BOS_ID).sum())} causal_diff:{leak:.1e} "
         f"noise:{noise:.1e} batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
         f"time:{time.perf_counter() - t0:.1f}s")
@@ -1445,7 +1418,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Per-row intN (round to nearest or GPTQ), one quantizer for late QAT and the export; README "Export".
+# Per-row intN (round to nearest or GPTQ); one quantizer for late QAT and the export.
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1465,7 +1438,7 @@ def quant_overrides(args):
 
 
 def quant_bits_for(name, t, args):
-    """Export bits of a tensor; None keeps it as fp16 (2-D) / fp32 (control tensors)."""
+    """Export bits of a tensor; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = None
@@ -1488,7 +1461,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip ratio of max |w| (SDClip: sigmas x std) with least rounding error."""
+    """Per-row fp16 scales (rows, 1): the clip of max |w| (SDClip: sigmas x std) of least error."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
@@ -1516,7 +1489,7 @@ def fake_quantize(w, bits, ratios):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: each column's rounding error goes onto later columns through the inverse Hessian (H = E[x x^T])."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T])."""
     W = w.float().clone()
     qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
     scale = row_scales(W, bits, ratios, sigmas)
@@ -1526,7 +1499,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    for attempt in range(5):  # raise the damping until the Hessian factors
+    for attempt in range(5):  # more damping until the Hessian factors
         Hd = H + torch.eye(cols, device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
@@ -1549,7 +1522,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of the inputs of every quantized linear layer, over training batches (never val)."""
+    """E[x x^T] of each quantized layer's inputs on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1592,7 +1565,6 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def prune_quantized(qstate, frac):
-    """A new state with the `frac` smallest |q| x scale entries of each quantized matrix zeroed."""
     if frac <= 0:
         return qstate
     out = dict(qstate)
@@ -1611,18 +1583,15 @@ def dequantize_state_dict(qstate):
             for name, e in qstate.items()}
 
 
-def shuffle_bytes(raw, itemsize):
-    """Byte planes (all first bytes, then all second bytes...): exponent bytes compress well together."""
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes() if itemsize > 1 else raw
-
-
-def unshuffle_bytes(raw, itemsize):
-    return np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes() if itemsize > 1 else raw
+def shuffle_bytes(raw, itemsize, undo=False):
+    """Byte planes: exponent bytes compress well together."""
+    planes = (itemsize, -1) if undo else (-1, itemsize)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(planes).T.tobytes() if itemsize > 1 else raw
 
 
 def serialize_quantized(qstate):
     arrays = [(name, key, e[key]) for name, e in qstate.items() for key in (("q", "scale") if e["bits"] else ("data",))]
-    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8 weights, then fp16 scales, then the rest
+    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
     header, chunks, offset = {n: dict(bits=e["bits"], arrays={}) for n, e in qstate.items()}, [], 0
     for name, key, t in arrays:
         raw = shuffle_bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), t.dtype.itemsize)
@@ -1635,9 +1604,9 @@ def serialize_quantized(qstate):
 
 
 def deserialize_quantized(blob):
-    """Parse and validate the layout: every field before a byte is read, every weight after."""
+    """Every field validated before a byte is read, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
-        raise DataError("artifact payload has no valid header: not an artifact of this script")
+        raise DataError("not an artifact of this script (no valid header)")
     (hlen,) = struct.unpack("<I", blob[4:8])
     try:
         header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
@@ -1659,15 +1628,15 @@ def parse_tensor_entry(name, entry, payload):
     for key, a in entry["arrays"].items():
         dtype, shape, off, n = DTYPES[a["dtype"]], a["shape"], a["offset"], a["nbytes"]
         if not all(type(v) is int and v >= 0 for v in (*shape, off, n)):
-            raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off} and size {n} must be integers >= 0")
+            raise DataError(f"artifact tensor {name}.{key}: shape {shape}, offset {off}, size {n}: not integers >= 0")
         if off + n > len(payload) or n != math.prod(shape) * dtype.itemsize:
             raise DataError(f"artifact tensor {name}.{key} extends past the payload or has a wrong size")
-        raw = unshuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize)
+        raw = shuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize, undo=True)
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
         q, scale, qmax = e["q"], e["scale"], 2 ** (bits - 1) - 1
         if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float16 or scale.shape != q.shape[:1]:
-            raise DataError(f"artifact tensor {name}: int8 q of shape (rows, cols) and fp16 scale of shape (rows,) expected")
+            raise DataError(f"artifact tensor {name}: int8 q (rows, cols) and fp16 scale (rows,) expected")
         if q.numel() and int(q.abs().max()) > qmax:
             raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
     elif not e["data"].is_floating_point():
@@ -1693,7 +1662,7 @@ def _codecs():
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 of (id + blob: decompressors miss bit flips) + compressed blob."""
+    """ARTIFACT_MAGIC + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1705,8 +1674,7 @@ def compress_artifact(blob, compressor, level):
 
 def decompress_artifact(data):
     if data[:4] == b"PGA2":
-        raise DataError("artifact made by an older version of this script (no checksum): "
-                        "re-export it with QUANT_ONLY=final_model.pt")
+        raise DataError("artifact made by an older version of this script: re-export it with QUANT_ONLY=final_model.pt")
     if data[:4] != ARTIFACT_MAGIC or len(data) < 9:
         raise DataError("not an artifact of this script (bad magic)")
     body = data[4:5] + data[9:]
@@ -1715,16 +1683,15 @@ def decompress_artifact(data):
                         "copy it again or re-export it")
     codecs = {cid: (name, dec) for name, (cid, _, dec) in _codecs().items()}
     if data[4] not in codecs:
-        raise DataError(f"artifact uses codec id {data[4]}, which is not installed or unknown")
+        raise DataError(f"artifact codec id {data[4]} is unknown or not installed")
     name, decompress = codecs[data[4]]
     try:
         return decompress(data[9:])
-    except Exception as exc:  # each codec raises its own error type on bad input
+    except Exception as exc:  # each codec has its own error types
         raise DataError(f"artifact is truncated or corrupt ({name}: {exc})") from None
 
 
 def load_artifact(path, model):
-    """Read, validate, dequantize and load an artifact into `model` (shapes must match)."""
     state = dequantize_state_dict(deserialize_quantized(decompress_artifact(Path(path).read_bytes())))
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
@@ -1736,11 +1703,11 @@ class ArtifactOverCap(Exception):
     pass
 
 
-FIT_SEARCH_STEPS = 7  # bisection steps: the pruning found is within 1/128 of the range of the least that fits
+FIT_SEARCH_STEPS = 7  # bisection: within 1/128 of the range
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, its state) at PRUNE_FRAC, or at the least pruning (bisection) that fits code + artifact in the cap."""
+    """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
@@ -1748,11 +1715,11 @@ def build_artifact(qstate, args, code_bytes, log):
     if len(data) + code_bytes <= args.artifact_cap:
         return data, state
     log(f"fit_to_cap: {len(data) + code_bytes} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac "
-        f"{args.prune_frac}: searching the least pruning that fits")
+        f"{args.prune_frac}: searching the least pruning")
     lo, hi = args.prune_frac, args.fit_max_prune_frac
     best = make(hi)
     if len(best[0]) + code_bytes > args.artifact_cap:
-        raise ArtifactOverCap(f"even pruning {hi:.0%} of the quantized weights leaves {len(best[0]) + code_bytes} bytes")
+        raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {len(best[0]) + code_bytes} bytes")
     for _ in range(FIT_SEARCH_STEPS):
         mid = (lo + hi) / 2
         trial = make(mid)
@@ -1770,9 +1737,8 @@ def build_artifact(qstate, args, code_bytes, log):
 
 def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
-    matrices = [p for n, p in model.named_parameters()
-                if p.ndim == 2 and not any(n.startswith(e) for e in EMBED_NAMES) and not n.startswith("lm_head")
-                and not n.startswith("skip_weights") and not n.endswith(("resid_mix", "attn.gate"))]
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith(("resid_mix", "attn.gate"))
+                and not n.startswith((*EMBED_NAMES, "lm_head", "skip_weights"))]
     taken = {id(p) for p in embeds + matrices} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = lambda params, lr: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2),
@@ -1789,7 +1755,6 @@ def build_optimizers(model, args, fused):
 
 
 def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
-    """Gradients of the mean loss over grad_accum_steps micro-batches; returns that loss, on the device."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         if isinstance(model, DDP):
@@ -1817,7 +1782,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1, then in the warmdown linear to 0 at ITERATIONS or at the wallclock cap (paced by the mean step time)."""
+    """1, then linear to 0 at ITERATIONS or at the cap (paced by the mean step time)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1827,24 +1792,19 @@ def lr_scale(args, step, elapsed_ms, cap_ms):
     return max(args.min_lr, min(1.0, left))
 
 
-def train_progress(args, step, elapsed_ms, cap_ms):
-    return step / max(args.iterations, 1) if cap_ms is None else elapsed_ms / cap_ms
-
-
 def seq_len_schedule(args):
-    """[(length, until progress), ...], ending with TRAIN_SEQ_LEN until the end."""
+    """[(length, until progress), ...], TRAIN_SEQ_LEN last."""
     items = [item.split(":") for item in args.seq_len_schedule.replace(" ", "").split(",") if item]
     return [(int(n), float(until)) for n, until in items] + [(args.train_seq_len, math.inf)]
 
 
 def graph_variants(args):
-    """Every (loop passes, training length) training runs: one compiled graph each, primed in warm-up."""
+    """Every (loop passes, training length): a compiled graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
 
 def apply_schedules(model, muon, args, step, progress, seq_len, log):
-    """Set the depth loop and Muon's weight decay for this progress; returns the training length."""
     if args.muon_wd_taper_start < 1:
         t = min(max((progress - args.muon_wd_taper_start) / (1 - args.muon_wd_taper_start), 0.0), 1.0)
         for g in muon.param_groups:
@@ -1861,7 +1821,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: a short run is no blend with its init."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: no blend with the init."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1869,8 +1829,6 @@ def ema_decay(args, step, elapsed_ms, cap_ms):
 
 
 class WeightAverager:
-    """EMA in fp32 after every step; optional SWA of late (EMA) weights."""
-
     def __init__(self, model, args):
         self.args, self.model = args, model
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
@@ -1900,9 +1858,9 @@ class WeightAverager:
 
 
 class Logger:
-    """Appends each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0 only."""
+    """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0."""
 
-    path: str | None = None
+    path = None
 
     def open(self, path):
         self.path = path
@@ -1922,13 +1880,12 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A small device tensor copied to the host behind the queued work: read a step later, it never waits."""
+    """A tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
         self.event = None
         if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -1941,8 +1898,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop and all it changes, saved in a checkpoint per rank (Muon keeps momenta on the rank
-    using them) so that a resumed run continues exactly; SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used), so a
+    resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
         self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
@@ -1967,7 +1924,7 @@ class Trainer:
         return loss
 
     def warmup(self):
-        """Compile and prime every path, then restore the initial weights, optimizer state and data."""
+        """Compile and prime every path, then restore weights, optimizers and data."""
         if self.args.warmup_steps <= 0:
             return
         init_model = copy.deepcopy(self.base_model.state_dict())
@@ -1982,7 +1939,7 @@ class Trainer:
             opt.load_state_dict(st)
         self.loader.stream.seek(0, 0)
 
-    # --- checkpoints -----------------------------------------------------------------------------
+    # --- checkpoints ---
     def state(self):
         return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                     ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
@@ -1994,19 +1951,19 @@ class Trainer:
         torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(self.averager.final()[1], "final_model.pt")
-        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} (weights, optimizer state, data "
-                 f"position, averager) and the averaged weights as final_model.pt; continue with RESUME={self.checkpoint_dir}")
+        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} and final_model.pt; "
+                 f"RESUME={self.checkpoint_dir} continues")
 
     def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
         if not file.is_file():
-            raise DataError(f"RESUME={path}: no {file.name}; a checkpoint is resumed with the number of processes that saved it")
+            raise DataError(f"RESUME={path}: no {file.name}: resume with as many processes as saved it")
         st = torch.load(file, map_location=self.device, weights_only=True)
         if st["world_size"] != self.world_size:
             raise DataError(f"RESUME={path} was saved by {st['world_size']} processes, not {self.world_size}")
         changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))
         if changed:
-            self.log(f"WARNING: resuming with settings changed since the checkpoint: {', '.join(changed)}")
+            self.log(f"WARNING: settings changed since the checkpoint: {', '.join(changed)}")
         self.base_model.load_state_dict(st["model"])
         for opt, o in zip(self.optimizers, st["optimizers"]):
             opt.load_state_dict(o)
@@ -2022,13 +1979,12 @@ class Trainer:
             raise KeyboardInterrupt
         self.signal = signum
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- the loop ---
     def run(self, evaluate):
-        """Train until ITERATIONS, the wallclock cap or a signal, validating every VAL_LOSS_EVERY steps."""
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # last step's flags (a HostCopy), read one step late: the host never stalls the GPU
+        pending = None  # last step's flags (a HostCopy), read a step late: no GPU stall
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -2049,7 +2005,7 @@ class Trainer:
                     break
                 elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
                 scale = lr_scale(args, step, elapsed_ms, self.cap_ms)
-                progress = train_progress(args, step, elapsed_ms, self.cap_ms)
+                progress = step / max(args.iterations, 1) if self.cap_ms is None else elapsed_ms / self.cap_ms
                 seq_len = apply_schedules(self.base_model, self.muon, args, step, progress, seq_len, log)
                 loss = self.train_step(step, scale, seq_len)
                 if self.qat_layers and scale < args.late_qat_threshold:
@@ -2060,13 +2016,13 @@ class Trainer:
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
-                if pending is not None:  # the previous step's flags: ready when it ended, while this one runs
+                if pending is not None:  # the last step's flags, ready while this one runs
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
-                # torch.full launches a fill: torch.tensor(x, device=cuda) would copy from the host and sync.
+                # torch.full launches a fill; torch.tensor(x, device=cuda) would sync.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
                                                       (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
-                    dist.all_reduce(flags)  # a NaN or a signal on any rank reaches every rank: all stop together
+                    dist.all_reduce(flags)  # a NaN or a signal anywhere: all stop together
                 pending = HostCopy(flags)
                 if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
                     remaining = f" remaining:{max(self.cap_ms - approx_ms, 0) / 1000:.0f}s" if self.cap_ms is not None else ""
@@ -2085,11 +2041,11 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """A finished step's [loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
+        """[loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
-            self.log(f"error: non-finite training loss ({loss}) at step {done_step}: the run is stopped. "
-                     "Lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data.")
+            self.log(f"error: non-finite training loss ({loss}) at step {done_step}: lower MATRIX_LR, SCALAR_LR, "
+                     "TIED_EMBED_LR or check the data")
             raise SystemExit(4)
         if signalled and self.signal is None:
             self.signal = signal.SIGTERM  # another rank was signalled
@@ -2109,7 +2065,6 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
-    """What counts val_bpb's bytes (validation_byte_source), after checking VOCAB_SIZE."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2124,7 +2079,6 @@ def load_tokenizer_tables(args, device, log):
 
 
 def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    """Quantize, compress, fit the cap, write the artifact, load it back and score what was written."""
     master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
     t, gptq = time.perf_counter(), args.quant_method == "gptq"
     hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
@@ -2132,20 +2086,20 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     quant_s = time.perf_counter() - t
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
-        + (" WARNING: over the reserve, training + calibration exceeded the cap: raise GPTQ_RESERVE_SECONDS" if over else ""))
+        + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else ""))
     code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)
     except ArtifactOverCap as exc:
-        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}. final_model.pt is kept; "
-            "shrink the model, lower ATTN_BITS/MLP_BITS/EMBED_BITS, or re-quantize with QUANT_ONLY=final_model.pt.")
+        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}: lower ATTN_BITS/MLP_BITS/"
+            "EMBED_BITS and re-quantize with QUANT_ONLY=final_model.pt")
         raise SystemExit(3)
     if master:
         Path(artifact).write_bytes(data)
     log(f"Serialized model {label.replace('_', '+')}: {len(data)} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
-    if final_state is not qstate:  # fit-to-cap pruned: measure what it cost
+    if final_state is not qstate:  # pruned: measure what it cost
         base_model.load_state_dict(dequantize_state_dict(qstate))
         _, unpruned_bpb = evaluate("roundtrip")
         log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
@@ -2159,7 +2113,7 @@ def main():
     code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
-    # Distributed + device setup; the configuration is checked before anything is read or built.
+    # Distributed + device setup.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
@@ -2179,7 +2133,7 @@ def main():
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
     if SMOKE and "DATA_PATH" not in os.environ:
-        # Built once per machine by rank 0, from text Python ships with; other ranks wait.
+        # Built by rank 0 from text Python ships with; other ranks wait.
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from data.sample import build_sample
         if master:
@@ -2198,10 +2152,10 @@ def main():
     for w in warnings:
         log(w, console=False)
 
-    luts = load_tokenizer_tables(args, device, log)  # tokenizer and data checks, before any compute
+    luts = load_tokenizer_tables(args, device, log)  # data checks before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    if not args.eval_only:  # training and GPTQ calibration read training data: every shard checked now
+    if not args.eval_only:  # every training shard checked now
         train_files = shard_files(args.train_files, "training")
         log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
@@ -2213,7 +2167,7 @@ def main():
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
-    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length and evaluation shape
+    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length, eval shape
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if cuda and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if cuda else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
@@ -2229,7 +2183,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) of a mode on the validation set; the checked ScoreSheet on other tokens."""
+        """(val_loss, val_bpb) on the val set; on other tokens the ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2243,7 +2197,7 @@ def main():
             try:
                 base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
             except Exception as exc:
-                raise DataError(f"QUANT_ONLY={args.quant_only} is not a checkpoint of this configuration: {exc}") from None
+                raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this configuration: {exc}") from None
             source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         else:
             trainer = Trainer(args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log)
@@ -2252,13 +2206,13 @@ def main():
                 trainer.resume(args.resume)
             try:
                 trainer.run(evaluate)
-            except Exception:  # a crash after training began keeps what was learnt
+            except Exception:  # keep what was learnt
                 trainer.save("failure")
                 raise
             source, averaged = trainer.averager.final()
             base_model.load_state_dict(averaged)
             loader = trainer.loader
-        for m in qat_layers:  # the exported weights are evaluated as they are, without the QAT delta
+        for m in qat_layers:  # evaluated as exported: no QAT delta
             m.qat_delta.zero_()
         t = time.perf_counter()
         val_loss, val_bpb = evaluate("roundtrip")
@@ -2275,7 +2229,7 @@ def main():
 
 
 def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
-    """Score the loaded model with every FINAL_EVAL mode, each audited first; the greppable final lines."""
+    """Every FINAL_EVAL mode, audited first; the greppable final lines."""
     t0, modes = time.perf_counter(), final_modes(args)
     for mode in modes:
         audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
