@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
-# Env vars; defaults: the strongest known 8xH100 stack (SMOKE=1: tiny, on a CPU).
+# Env vars (README "Configuration"); SMOKE=1: tiny, for a CPU.
 # -----------------------------------------------------------------------------
 
 KNOWN_ENV = {}  # name -> default
@@ -94,7 +94,7 @@ PRESETS["top"] = dict(
                               TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
 
 
-# env("NAME", default): attribute name.lower(); README "Configuration" describes them.
+# env("NAME", default) sets attribute name.lower().
 @settings_as_attributes
 class Hyperparameters:
     # Data and run.
@@ -2224,7 +2224,8 @@ def main():
         local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
         calib = (loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
         export_and_score(args, base_model, calib, evaluate, code, label, val_bpb, device, world_size, log)
-    if distributed:
+    if distributed:  # together: an early gloo teardown aborts slower ranks
+        dist.barrier()
         dist.destroy_process_group()
 
 

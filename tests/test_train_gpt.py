@@ -50,7 +50,12 @@ def run_script(cwd, env_over, nproc=None, timeout=300):
     cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if nproc and out.returncode and "final_eval:done" in out.stdout and "terminate called without an active" in out.stderr:
+        # On a loaded CPU a gloo rank sometimes aborts in its teardown after the run finished (torch 2.13,
+        # about 1 run in 10 here): run once more, so a second abort still fails the test.
+        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return out
 
 
 def tiny_run_env(sample, **over):
