@@ -43,7 +43,8 @@ TRACKS = {"record": "track_10min_16mb", "non_record": "track_non_record_16mb"}  
 PER_RUN_SETTINGS = {"RUN_ID"}  # defaults to a fresh uuid; it names the log and is never part of the command
 VARYING_SETTINGS = {"SEED"} | PER_RUN_SETTINGS  # may differ between the seeds of one submission
 UNPACK_COMMAND = ("python3 -c \"import base64,lzma; s = open('train_gpt.py').read(); "  # chr(34) is the quote
-                  "print(lzma.decompress(base64.b85decode(s.split(chr(34))[1])).decode(), end='')\"")
+                  "print(lzma.decompress(base64.b85decode(s.split(chr(34))[1]), lzma.FORMAT_RAW, "
+                  "filters=[{'id': lzma.FILTER_LZMA2}]).decode(), end='')\"")
 BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
 
