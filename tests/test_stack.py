@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import train_gpt as tg  # noqa: E402
 from data.sample import build_sample  # noqa: E402
-from test_train_gpt import final_value, randomized_model, run_script, sample, tiny_args, tiny_run_env  # noqa: E402,F401
+from test_train_gpt import assert_causal, final_value, randomized_model, run_script, sample, tiny_args, tiny_run_env  # noqa: E402,F401
 
 STACK = dict(loop_layers="1-2", loop_repeats=2, parallel_from=2, attn_gate_dims=8)
 
@@ -28,16 +28,7 @@ def test_full_model_with_loops_parallel_residuals_and_gates_is_causal(xsa_last_n
     model = randomized_model(args)
     assert model.layer_order() == [0, 1, 2, 1, 2, 1, 2, 3]
     assert [b.parallel for b in model.blocks] == [False, False, True, True]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab_size, (2, 24), generator=g)
-    ids[:, [0, 9]] = tg.BOS_ID
-    base = model.logits(ids)
-    for t in (0, 5, 9, 17):
-        perturbed = ids.clone()
-        perturbed[:, t + 1:] = torch.randint(0, args.vocab_size, perturbed[:, t + 1:].shape, generator=g)
-        out = model.logits(perturbed)
-        assert torch.allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5), f"position <= {t} saw a later token"
-        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])
+    assert_causal(model, args)
 
 
 def test_features_off_keep_the_seed_model():

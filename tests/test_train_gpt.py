@@ -77,7 +77,11 @@ def final_value(stdout, key):
 @pytest.mark.parametrize("xsa_last_n", [0, 4])
 def test_model_is_causal(xsa_last_n):
     args = tiny_args(xsa_last_n=xsa_last_n)
-    model = randomized_model(args)
+    assert_causal(randomized_model(args), args)
+
+
+def assert_causal(model, args):
+    """Redrawing the tokens after t (documents starting at 0 and 9) moves no logit up to t, and moves later ones."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab_size, (2, 24), generator=g)
     ids[:, [0, 9]] = tg.BOS_ID
