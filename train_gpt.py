@@ -627,7 +627,7 @@ def load_validation_bytes(pattern):
     counts = []
     for shard, sidecar in zip(shards, sidecars):
         counts.append(load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
-        if len(counts[-1]) != int(np.fromfile(shard, dtype="<i4", count=3)[2]):
+        if len(counts[-1]) != shard_token_count(shard):
             raise DataError(f"{sidecar} has {len(counts[-1])} counts, {shard} another token count: "
                             "export the dataset again")
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))
