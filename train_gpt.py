@@ -233,6 +233,15 @@ class Hyperparameters:
     env("EMBED_CLIP_SIGMAS", 0.0)
     env("EMBED_GPTQ", False)
 
+    # Export of the April records (issue 15): SDClip per class (0: the clip search), AWQ-lite, LQER.
+    env("ATTN_CLIP_SIGMAS", 0.0)
+    env("MLP_CLIP_SIGMAS", 0.0)
+    env("AWQ_GROUP", 0)  # columns of the most salient group kept at AWQ_BITS in GPTQ
+    env("AWQ_BITS", 8)
+    env("LQER_RANK", 0)
+    env("LQER_TOP_K", 3)
+    env("LQER_BITS", 4)
+
     # Runtime.
     env("COMPILE", True)
     env("ATTN_BACKEND", "auto")
@@ -289,15 +298,15 @@ def final_modes(args):
 AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
               "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
               "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
-              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK LOOP_REPEATS").split()
+              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK LOOP_REPEATS LQER_TOP_K").split()
 AT_LEAST_0 = ("ITERATIONS WARMUP_STEPS WARMDOWN_ITERS VAL_LOSS_EVERY GRAD_ACCUM_STEPS XSA_LAST_N MUON_MOMENTUM_WARMUP_STEPS "
               "MAX_WALLCLOCK_SECONDS GPTQ_RESERVE_SECONDS TTT_MAX_SECONDS TTT_EPOCHS TTT_FREEZE_BLOCKS MATRIX_LR SCALAR_LR "
               "TIED_EMBED_LR EMBED_LR HEAD_LR MUON_WD ADAM_WD GRAD_CLIP_NORM LATE_QAT_THRESHOLD TTT_LR TTT_LORA_LR "
               "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA PARALLEL_FROM ATTN_GATE_DIMS EMA_HALF_LIFE_FRAC EMBED_CLIP_SIGMAS "
-              "MUON_WD_TAPER_START MUON_WD_FINAL").split()
+              "MUON_WD_TAPER_START MUON_WD_FINAL ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS AWQ_GROUP LQER_RANK").split()
 POSITIVE = "MLP_MULT LOGIT_SOFTCAP ROPE_BASE ADAM_EPS GPTQ_DAMP TIED_EMBED_INIT_STD NGRAM_PRIOR".split()
 BELOW_1 = "BETA1 BETA2 MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START EMA_DECAY NORMUON_BETA2 MIN_LR LOOP_START_FRAC".split()  # and >= 0
-CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
+CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "pergroup", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
@@ -342,6 +351,8 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
     if any(not (2 <= b <= 8 or b == 16) for b in (args.attn_bits, args.mlp_bits, args.embed_bits)):
         err.append("ATTN_BITS, MLP_BITS and EMBED_BITS must be in 2..8 (or 16: fp16)")
+    if not (2 <= args.awq_bits <= 8 and 2 <= args.lqer_bits <= 8):
+        err.append("AWQ_BITS and LQER_BITS must be in 2..8")
     try:
         quant_overrides(args)
         if not all(0 < r <= 1 for r in clip_ratios(args)):
@@ -1437,15 +1448,21 @@ def quant_overrides(args):
     return out
 
 
+def tensor_role(name):
+    return re.sub(r"\.\d+\.", ".", name)  # one name for a matrix of every layer
+
+
+def tensor_class(name):
+    return "embed" if name in EMBED_NAMES else "mlp" if ".mlp." in name else "attn"
+
+
 def quant_bits_for(name, t, args):
     """Export bits of a tensor; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = None
-    if name in EMBED_NAMES:
-        bits = args.embed_bits
-    elif t.numel() > SMALL_TENSOR_NUMEL:
-        bits = args.mlp_bits if ".mlp." in name else args.attn_bits
+    if name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL:
+        bits = getattr(args, tensor_class(name) + "_bits")
     for pattern, b in quant_overrides(args):
         if re.search(pattern, name):
             bits = b
@@ -1488,17 +1505,32 @@ def fake_quantize(w, bits, ratios):
     return q.float() * scale.float()[:, None]
 
 
-def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T])."""
+def salient_group(W, H, size):
+    """AWQ-lite: the aligned column group of most activation RMS x mean |w|."""
+    score = H.diagonal().clamp_min(0).sqrt() * W.abs().mean(0)
+    return int(score[:W.size(1) // size * size].view(-1, size).sum(1).argmax()) * size
+
+
+def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0, awq=None):
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]).
+    awq = (group, bits): that group of columns on its own finer grid (its scales returned third)."""
     W = w.float().clone()
-    qmax, cols = 2 ** (bits - 1) - 1, W.size(1)
-    scale = row_scales(W, bits, ratios, sigmas)
+    cols = W.size(1)
+    grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
+    hi = slice(c0 := salient_group(W, H, awq[0]), c0 + awq[0]) if awq else slice(0, 0)
+    lo = torch.ones(cols, dtype=torch.bool, device=W.device)
+    lo[hi] = False
+    scale = row_scales(W[:, lo], bits, ratios, sigmas)
+    scales = scale.expand(-1, cols).clone()
+    if awq:
+        grid[hi] = 2 ** (awq[1] - 1) - 1
+        scales[:, hi] = hi_scale = row_scales(W[:, hi], awq[1], ratios)
     H = H.float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, scales, grid = W[:, perm], H[perm][:, perm], scales[:, perm], grid[perm]
     for attempt in range(5):  # more damping until the Hessian factors
         Hd = H + torch.eye(cols, device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -1511,13 +1543,15 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0):
         i2 = min(i1 + block, cols)
         W1, Hb, E = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
         for j in range(i2 - i1):
-            q = round_to_grid(W1[:, j:j + 1], scale, qmax)
+            s = scales[:, i1 + j:i1 + j + 1]
+            q = round_to_grid(W1[:, j:j + 1], s, grid[i1 + j])
             Q[:, i1 + j] = q[:, 0]
-            err = (W1[:, j:j + 1] - q * scale) / Hb[j, j]
+            err = (W1[:, j:j + 1] - q * s) / Hb[j, j]
             W1[:, j:] -= err * Hb[j:j + 1, j:]
             E[:, j:j + 1] = err
         W[:, i2:] -= E @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].to(torch.int8), scale.squeeze(1).half()
+    out = dict(q=Q[:, torch.argsort(perm)].to(torch.int8), scale=scale.squeeze(1).half())
+    return out | (dict(awq=[hi.start, awq[0], awq[1]], awq_scale=hi_scale.squeeze(1).half()) if awq else {})
 
 
 @torch.no_grad()
@@ -1549,19 +1583,61 @@ def collect_hessians(model, batches, args, device, world_size):
 
 
 def quantize_state_dict(state, args, hessians=None):
-    out, ratios = {}, clip_ratios(args)
+    out, ratios, hessians = {}, clip_ratios(args), hessians or {}
     for name, t in state.items():
-        bits = quant_bits_for(name, t, args)
-        H = hessians.get(name.removesuffix(".weight")) if hessians else None
+        bits, H = quant_bits_for(name, t, args), hessians.get(name.removesuffix(".weight"))
         if bits is None:
             out[name] = dict(bits=None, data=t.detach().cpu().to(torch.float16 if t.ndim == 2 else torch.float32))
             continue
-        sigmas = args.embed_clip_sigmas if name in EMBED_NAMES else 0.0
-        qs = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp,
-                           args.gptq_act_order, sigmas) if H is not None else None
-        q, scale = qs if qs is not None else quantize_per_row(t.detach(), bits, ratios, sigmas)
-        out[name] = dict(bits=bits, q=q.cpu(), scale=scale.cpu())
+        sigmas = getattr(args, tensor_class(name) + "_clip_sigmas")
+        awq = (args.awq_group, args.awq_bits) if 0 < args.awq_group < t.size(1) else None
+        e = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp,
+                          args.gptq_act_order, sigmas, awq) if H is not None else None
+        if e is None:
+            q, scale = quantize_per_row(t.detach(), bits, ratios, sigmas)
+            e = dict(q=q, scale=scale)
+        out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
+    if args.lqer_rank:
+        add_lqer(out, state, args, hessians)
     return out
+
+
+def add_lqer(qstate, state, args, hessians):
+    """LQER: a rank-r SVD of the error W - W_q, its factors at LQER_BITS, on the LQER_TOP_K tensors where
+    it removes the most (Hessian-weighted) error per byte."""
+    gains = []
+    for name, e in qstate.items():
+        if not e["bits"]:
+            continue
+        W = state[name].detach().float().cpu()
+        E = W - dequantize_entry(e)
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        r = min(args.lqer_rank, S.numel())
+        a, a_s = quantize_per_row(U[:, :r] * S[:r], args.lqer_bits)
+        b, b_s = quantize_per_row(Vh[:r], args.lqer_bits)
+        fix = dict(lqer=[r, args.lqer_bits], lqer_a=a, lqer_as=a_s, lqer_b=b, lqer_bs=b_s)
+        H = hessians.get(name.removesuffix(".weight"))
+        H = torch.eye(W.size(1)) if H is None else H.float().cpu()
+        err = lambda X: float(((X @ H) * X).sum())  # noqa: E731  output error on the calibration inputs
+        nbytes = (a.numel() + b.numel()) * args.lqer_bits / 8 + 2 * (r + W.size(0))
+        gains.append(((err(E) - err(E - low_rank(fix))) / nbytes, name, fix))
+    for gain, name, fix in sorted(gains, key=lambda g: g[0])[-args.lqer_top_k:]:
+        if gain > 0:
+            qstate[name] = qstate[name] | fix
+
+
+def low_rank(e):
+    return (e["lqer_a"].float() * e["lqer_as"].float()[:, None]) @ (e["lqer_b"].float() * e["lqer_bs"].float()[:, None])
+
+
+def dequantize_entry(e):
+    if not e["bits"]:
+        return e["data"].float()
+    w = e["q"].float() * e["scale"].float()[:, None]
+    if "awq" in e:
+        c0, n, _ = e["awq"]
+        w[:, c0:c0 + n] = e["q"][:, c0:c0 + n].float() * e["awq_scale"].float()[:, None]
+    return w + low_rank(e) if "lqer" in e else w
 
 
 def prune_quantized(qstate, frac):
@@ -1579,8 +1655,7 @@ def prune_quantized(qstate, frac):
 
 
 def dequantize_state_dict(qstate):
-    return {name: (e["q"].float() * e["scale"].float()[:, None]) if e["bits"] else e["data"].float()
-            for name, e in qstate.items()}
+    return {name: dequantize_entry(e) for name, e in qstate.items()}
 
 
 def shuffle_bytes(raw, itemsize, undo=False):
@@ -1590,9 +1665,10 @@ def shuffle_bytes(raw, itemsize, undo=False):
 
 
 def serialize_quantized(qstate):
-    arrays = [(name, key, e[key]) for name, e in qstate.items() for key in (("q", "scale") if e["bits"] else ("data",))]
-    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
-    header, chunks, offset = {n: dict(bits=e["bits"], arrays={}) for n, e in qstate.items()}, [], 0
+    arrays = [(name, key, t) for name, e in qstate.items() for key, t in e.items() if isinstance(t, Tensor)]
+    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1], tensor_role(a[0])))  # int8, fp16 scales, the rest
+    header = {n: {k: v for k, v in e.items() if not isinstance(v, Tensor)} | {"arrays": {}} for n, e in qstate.items()}
+    chunks, offset = [], 0
     for name, key, t in arrays:
         raw = shuffle_bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), t.dtype.itemsize)
         header[name]["arrays"][key] = dict(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
@@ -1617,11 +1693,27 @@ def deserialize_quantized(blob):
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
 
 
+def is_bits(b):
+    return type(b) is int and 2 <= b <= 8
+
+
+def check_grid(name, q, scale, bits, rows, cols=None):
+    """q: int8 (rows, cols) within int`bits`; scale: finite fp16 (rows,)."""
+    if q.dtype != torch.int8 or q.shape[0] != rows or (cols is not None and q.shape[1] != cols) or q.ndim != 2 \
+            or scale.dtype != torch.float16 or scale.shape != (rows,):
+        raise DataError(f"artifact tensor {name}: int8 q ({rows}, {cols or 'cols'}) and fp16 scale ({rows},) expected")
+    if q.numel() and int(q.abs().max()) > 2 ** (bits - 1) - 1:
+        raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
+
+
 def parse_tensor_entry(name, entry, payload):
-    bits = entry["bits"]
-    if not (bits is None or (type(bits) is int and 2 <= bits <= 8)):
+    bits, awq, lqer = entry["bits"], entry.get("awq"), entry.get("lqer")
+    if not (bits is None or is_bits(bits)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
-    keys = {"q", "scale"} if bits else {"data"}
+    if set(entry) - {"bits", "arrays", "awq", "lqer"} or (bits is None and (awq or lqer)):
+        raise DataError(f"artifact tensor {name}: unknown fields {sorted(entry)}")
+    keys = ({"q", "scale"} | ({"awq_scale"} if awq else set()) | ({"lqer_a", "lqer_as", "lqer_b", "lqer_bs"} if lqer
+                                                                  else set())) if bits else {"data"}
     if set(entry["arrays"]) != keys:
         raise DataError(f"artifact tensor {name}: arrays {sorted(entry['arrays'])}, expected {sorted(keys)}")
     e = dict(bits=bits)
@@ -1634,15 +1726,30 @@ def parse_tensor_entry(name, entry, payload):
         raw = shuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize, undo=True)
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
-        q, scale, qmax = e["q"], e["scale"], 2 ** (bits - 1) - 1
-        if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float16 or scale.shape != q.shape[:1]:
-            raise DataError(f"artifact tensor {name}: int8 q (rows, cols) and fp16 scale (rows,) expected")
-        if q.numel() and int(q.abs().max()) > qmax:
-            raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
+        q, rows = e["q"], len(e["q"])
+        if q.ndim != 2:
+            raise DataError(f"artifact tensor {name}: q is not a matrix")
+        if awq:  # [first column, columns, bits]: those columns on their own grid
+            if not (type(awq) is list and len(awq) == 3 and all(type(v) is int for v in awq) and is_bits(awq[2])
+                    and 0 <= awq[0] and 0 < awq[1] and awq[0] + awq[1] <= q.shape[-1]):
+                raise DataError(f"artifact tensor {name}: awq={awq!r} is not [column, columns, bits] inside the matrix")
+            cols = slice(awq[0], awq[0] + awq[1])
+            check_grid(f"{name} (awq)", q[:, cols].contiguous(), e["awq_scale"], awq[2], rows)
+            q = q.clone()
+            q[:, cols] = 0
+        check_grid(name, q, e["scale"], bits, rows)
+        if lqer:  # [rank, bits]: W += (a x as) @ (b x bs)
+            if not (type(lqer) is list and len(lqer) == 2 and type(lqer[0]) is int and lqer[0] >= 1 and is_bits(lqer[1])):
+                raise DataError(f"artifact tensor {name}: lqer={lqer!r} is not [rank >= 1, bits]")
+            check_grid(f"{name} (lqer a)", e["lqer_a"], e["lqer_as"], lqer[1], rows, lqer[0])
+            check_grid(f"{name} (lqer b)", e["lqer_b"], e["lqer_bs"], lqer[1], lqer[0], q.shape[1])
+            e["lqer"] = lqer
+        if awq:
+            e["awq"] = awq
     elif not e["data"].is_floating_point():
         raise DataError(f"artifact tensor {name}: unquantized data must be fp16 or fp32")
-    for key in ("scale", "data"):
-        if key in e and not torch.isfinite(e[key]).all():
+    for key, t in e.items():
+        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"artifact tensor {name}: non-finite {key} values")
     return e
 
@@ -1658,7 +1765,36 @@ def _codecs():
         codecs["brotli"] = (3, lambda b, lvl: brotli.compress(b, quality=11), brotli.decompress)
     except ImportError:
         pass
-    return codecs
+    return codecs | {"pergroup": (4, compress_sections, decompress_sections)}
+
+
+def section_cuts(blob):
+    """Cuts of a serialized blob: after the header, and between runs of arrays of another key or tensor role."""
+    start = 8 + struct.unpack("<I", blob[4:8])[0]
+    arrays = sorted((a["offset"], a["dtype"], key, tensor_role(n))
+                    for n, t in json.loads(blob[8:start])["tensors"].items() for key, a in t["arrays"].items())
+    return [0, start] + [start + a[0] for a, b in zip(arrays[1:], arrays) if a[1:] != b[1:]] + [len(blob)]
+
+
+def compress_sections(blob, level):
+    """COMPRESSOR=pergroup: each section of the blob by its best codec (id 0: stored), as [id, u32 size, bytes]."""
+    codecs = [(0, lambda b, lvl: b)] + [(cid, c) for cid, c, _ in list(_codecs().values())[:-1]]
+    cuts, out = section_cuts(blob), []
+    for a, b in zip(cuts, cuts[1:]):
+        cid, z = min(((cid, c(blob[a:b], level)) for cid, c in codecs), key=lambda x: len(x[1]))
+        out.append(struct.pack("<BI", cid, len(z)) + z)
+    return b"".join(out)
+
+
+def decompress_sections(body):
+    codecs, out, i = {cid: d for cid, _, d in list(_codecs().values())[:-1]} | {0: bytes}, [], 0
+    while i < len(body):
+        cid, n = struct.unpack_from("<BI", body, i)
+        if cid not in codecs or i + 5 + n > len(body):
+            raise ValueError(f"section at byte {i}: codec id {cid} unknown or not installed, or {n} bytes too long")
+        out.append(codecs[cid](body[i + 5:i + 5 + n]))
+        i += 5 + n
+    return b"".join(out)
 
 
 def compress_artifact(blob, compressor, level):
@@ -1713,6 +1849,8 @@ def build_artifact(qstate, args, code_bytes, log):
         return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
     data, state = make(args.prune_frac)
     if len(data) + code_bytes <= args.artifact_cap:
+        log(f"fit_to_cap: headroom {args.artifact_cap - len(data) - code_bytes} bytes under ARTIFACT_CAP="
+            f"{args.artifact_cap} (records/size_planner.py spend: what it buys)")
         return data, state
     log(f"fit_to_cap: {len(data) + code_bytes} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac "
         f"{args.prune_frac}: searching the least pruning")
@@ -2086,7 +2224,8 @@ def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre
     quant_s = time.perf_counter() - t
     over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
-        + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else ""))
+        + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else "")
+        + "".join(f" lqer:{n}" for n, e in qstate.items() if "lqer" in e))
     code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)

@@ -488,7 +488,8 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     H = x.T @ x / n
     for bits in (4, 6):
         q_rtn, s_rtn = tg.quantize_per_row(w, bits, (1.0,))
-        q_g, s_g = tg.gptq_quantize(w, H, bits, (1.0,), block=16, damp=0.01, act_order=True)
+        g = tg.gptq_quantize(w, H, bits, (1.0,), block=16, damp=0.01, act_order=True)
+        q_g, s_g = g["q"], g["scale"]
         err = lambda q, s: ((x @ (q.float() * s.float()[:, None]).T) - x @ w.T).square().mean()
         assert err(q_g, s_g) < 0.7 * err(q_rtn, s_rtn), bits
         assert q_g.abs().max() <= 2 ** (bits - 1) - 1
