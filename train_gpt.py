@@ -1436,6 +1436,7 @@ ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
 SMALL_TENSOR_NUMEL = 65_536
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_head.weight")
 DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
+LQER_ARRAYS = ("lqer_a", "lqer_as", "lqer_b", "lqer_bs")
 
 
 def quant_overrides(args):
@@ -1687,7 +1688,7 @@ def deserialize_quantized(blob):
     try:
         header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
         return {name: parse_tensor_entry(name, entry, payload) for name, entry in header["tensors"].items()}
-    except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, UnicodeDecodeError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
@@ -1697,9 +1698,16 @@ def is_bits(b):
     return type(b) is int and 2 <= b <= 8
 
 
+def int_field(name, key, value, n, ok):
+    """A header field of n ints meeting ok(*value)."""
+    if not (type(value) is list and len(value) == n and all(type(v) is int for v in value) and ok(*value)):
+        raise DataError(f"artifact tensor {name}: {key}={value!r} is out of range")
+    return value
+
+
 def check_grid(name, q, scale, bits, rows, cols=None):
-    """q: int8 (rows, cols) within int`bits`; scale: finite fp16 (rows,)."""
-    if q.dtype != torch.int8 or q.shape[0] != rows or (cols is not None and q.shape[1] != cols) or q.ndim != 2 \
+    """q: int8 (rows, cols) within int`bits`; scale: fp16 (rows,)."""
+    if q.dtype != torch.int8 or q.ndim != 2 or len(q) != rows or cols not in (None, q.shape[1]) \
             or scale.dtype != torch.float16 or scale.shape != (rows,):
         raise DataError(f"artifact tensor {name}: int8 q ({rows}, {cols or 'cols'}) and fp16 scale ({rows},) expected")
     if q.numel() and int(q.abs().max()) > 2 ** (bits - 1) - 1:
@@ -1710,12 +1718,10 @@ def parse_tensor_entry(name, entry, payload):
     bits, awq, lqer = entry["bits"], entry.get("awq"), entry.get("lqer")
     if not (bits is None or is_bits(bits)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
-    if set(entry) - {"bits", "arrays", "awq", "lqer"} or (bits is None and (awq or lqer)):
-        raise DataError(f"artifact tensor {name}: unknown fields {sorted(entry)}")
-    keys = ({"q", "scale"} | ({"awq_scale"} if awq else set()) | ({"lqer_a", "lqer_as", "lqer_b", "lqer_bs"} if lqer
-                                                                  else set())) if bits else {"data"}
-    if set(entry["arrays"]) != keys:
-        raise DataError(f"artifact tensor {name}: arrays {sorted(entry['arrays'])}, expected {sorted(keys)}")
+    keys = {"q", "scale", *(["awq_scale"] if awq else []), *(LQER_ARRAYS if lqer else [])} if bits else {"data"}
+    if set(entry["arrays"]) != keys or set(entry) - {"bits", "arrays", *(["awq", "lqer"] if bits else [])}:
+        raise DataError(f"artifact tensor {name}: fields {sorted(entry)}, arrays {sorted(entry['arrays'])}: "
+                        f"expected {sorted(keys)}")
     e = dict(bits=bits)
     for key, a in entry["arrays"].items():
         dtype, shape, off, n = DTYPES[a["dtype"]], a["shape"], a["offset"], a["nbytes"]
@@ -1726,26 +1732,16 @@ def parse_tensor_entry(name, entry, payload):
         raw = shuffle_bytes(bytes(payload[off:off + n]), dtype.itemsize, undo=True)
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
-        q, rows = e["q"], len(e["q"])
-        if q.ndim != 2:
-            raise DataError(f"artifact tensor {name}: q is not a matrix")
-        if awq:  # [first column, columns, bits]: those columns on their own grid
-            if not (type(awq) is list and len(awq) == 3 and all(type(v) is int for v in awq) and is_bits(awq[2])
-                    and 0 <= awq[0] and 0 < awq[1] and awq[0] + awq[1] <= q.shape[-1]):
-                raise DataError(f"artifact tensor {name}: awq={awq!r} is not [column, columns, bits] inside the matrix")
-            cols = slice(awq[0], awq[0] + awq[1])
-            check_grid(f"{name} (awq)", q[:, cols].contiguous(), e["awq_scale"], awq[2], rows)
-            q = q.clone()
-            q[:, cols] = 0
-        check_grid(name, q, e["scale"], bits, rows)
+        q = e["q"]
+        if awq:  # [first column, columns, bits]: those columns on a finer grid
+            c0, n, hi_bits = e["awq"] = int_field(name, "awq", awq, 3, lambda c, n, b: 0 <= c < c + n <= q.shape[1] and is_bits(b))
+            check_grid(f"{name} (awq)", q[:, c0:c0 + n], e["awq_scale"], hi_bits, len(q))
+            q = torch.cat((q[:, :c0], 0 * q[:, c0:c0 + n], q[:, c0 + n:]), 1)
+        check_grid(name, q, e["scale"], bits, len(q))
         if lqer:  # [rank, bits]: W += (a x as) @ (b x bs)
-            if not (type(lqer) is list and len(lqer) == 2 and type(lqer[0]) is int and lqer[0] >= 1 and is_bits(lqer[1])):
-                raise DataError(f"artifact tensor {name}: lqer={lqer!r} is not [rank >= 1, bits]")
-            check_grid(f"{name} (lqer a)", e["lqer_a"], e["lqer_as"], lqer[1], rows, lqer[0])
-            check_grid(f"{name} (lqer b)", e["lqer_b"], e["lqer_bs"], lqer[1], lqer[0], q.shape[1])
-            e["lqer"] = lqer
-        if awq:
-            e["awq"] = awq
+            r, lqer_bits = e["lqer"] = int_field(name, "lqer", lqer, 2, lambda r, b: r >= 1 and is_bits(b))
+            check_grid(f"{name} (lqer a)", e["lqer_a"], e["lqer_as"], lqer_bits, len(q), r)
+            check_grid(f"{name} (lqer b)", e["lqer_b"], e["lqer_bs"], lqer_bits, r, q.shape[1])
     elif not e["data"].is_floating_point():
         raise DataError(f"artifact tensor {name}: unquantized data must be fp16 or fp32")
     for key, t in e.items():

@@ -42,9 +42,8 @@ from significance import improvement_test  # noqa: E402
 TRACKS = {"record": "track_10min_16mb", "non_record": "track_non_record_16mb"}  # official folder names
 PER_RUN_SETTINGS = {"RUN_ID"}  # defaults to a fresh uuid; it names the log and is never part of the command
 VARYING_SETTINGS = {"SEED"} | PER_RUN_SETTINGS  # may differ between the seeds of one submission
-UNPACK_COMMAND = ("python3 -c \"import base64,lzma; s = open('train_gpt.py').read(); "  # chr(34) is the quote
-                  "print(lzma.decompress(base64.b85decode(s.split(chr(34))[1]), lzma.FORMAT_RAW, "
-                  "filters=[{'id': lzma.FILTER_LZMA2}]).decode(), end='')\"")
+UNPACK_COMMAND = ("python3 -c \"exec(open('train_gpt.py', encoding='utf-8').read()"  # the script, printing its source
+                  ".replace('exec(c)', 'print(c.decode(), end=str())'))\"")
 BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
 
@@ -220,7 +219,7 @@ def readme(runs: list[RunLog], sub: dict, settings: dict, packed: bool, signific
          if settings else "Every setting is this train_gpt.py's default."), "",
     ]
     if packed:
-        lines += ["`train_gpt.py` is packed: it decompresses its lzma + base85 source and runs it. "
+        lines += ["`train_gpt.py` is packed: it decompresses its lzma source (7 bits a character) and runs it. "
                   + ("The logs were written by the readable source, which runs identically; `bytes_code` and "
                      "`bytes_total` count the packed bytes." if unpack(runs[0].code) is None else
                      "The runs used this packed file, so the logs count its bytes.")

@@ -333,6 +333,100 @@ def test_planner_plans_the_default_configuration(capsys):
         size_planner.plan({"NUM_HEADS": "3"}, ROOT / "train_gpt.py", packed=False)
 
 
+def spend_table(out: str) -> dict[str, tuple[int, bool, str]]:
+    """`spend`'s table: use -> (extra bytes, fits, setting)."""
+    rows = re.findall(r"^(\S.*?)\s+([+-][\d,]+)  (yes|no) *(.*)$", out, re.M)
+    return {use: (int(e.replace(",", "")), fits == "yes", setting) for use, e, fits, setting in rows}
+
+
+def headroom_of(out: str) -> int:
+    return int(re.search(r"^headroom: ([+-][\d,]+) bytes", out, re.M).group(1).replace(",", ""))
+
+
+def test_spend_prices_the_uses_of_the_headroom_of_a_configuration(capsys):
+    import torch
+    assert size_planner.spend_config({"NUM_LAYERS": "2"}, ROOT / "train_gpt.py", packed=False) == 0
+    out = capsys.readouterr().out
+    rows, headroom = spend_table(out), headroom_of(out)
+    assert headroom > 10_000_000 and "not val_bpb" in out and "nothing fits" not in out
+    assert {"+1 bit, all attention matrices: int6 -> 7", "+1 bit, all MLP matrices: int6 -> 7",  # bits, width, depth
+            "+1 bit, all embeddings: int8 -> 16", "one more layer: NUM_LAYERS 2 -> 3"} <= set(rows)
+    wider = [u for u in rows if u.startswith("wider MLP: MLP_MULT 3 -> ") and u.endswith("(largest that fits)")]
+    assert len(wider) == 1 and all(fits and setting for _, fits, setting in rows.values())
+    assert [e for e, *_ in rows.values()] == sorted(e for e, *_ in rows.values())
+    # +1 bit on the MLP matrices: their parameters x the factor step (two classes rounded)
+    _, _, stg, args = size_planner.configure({"NUM_LAYERS": "2"}, ROOT / "train_gpt.py")
+    with torch.device("meta"):
+        state = stg.GPT(args).state_dict()
+    mlp = sum(t.numel() for n, t in state.items() if ".mlp." in n and stg.quant_bits_for(n, t, args) == 6)
+    step = size_planner.FACTORS["matrix_int7"] - size_planner.FACTORS["matrix_int6"]
+    assert abs(rows["+1 bit, all MLP matrices: int6 -> 7"][0] - mlp * step) <= 1
+    # the one-layer QUANT_OVERRIDES gives exactly the last layer's MLP matrices one more bit
+    setting = rows["+1 bit, MLP matrices of 1 layer: int6 -> 7"][2]
+    assert setting == r"QUANT_OVERRIDES='^blocks\.1\.mlp\.(fc|proj)\.weight$:7'"
+    args.quant_overrides = setting.split("=", 1)[1].strip("'")
+    assert {n for n, t in state.items() if stg.quant_bits_for(n, t, args) == 7} == {"blocks.1.mlp.fc.weight",
+                                                                                    "blocks.1.mlp.proj.weight"}
+    # the largest MLP_MULT that fits: 0.25 more does not
+    args.quant_overrides = ""
+    base = size_planner.model_bytes(stg, args)
+    args.mlp_mult = float(wider[0].split()[-4]) + 0.25
+    assert size_planner.model_bytes(stg, args) - base > headroom >= rows[wider[0]][0]
+
+
+def test_spend_over_the_cap_suggests_nothing(capsys):
+    with pytest.raises(SystemExit) as done:
+        size_planner.main(["spend", "NUM_LAYERS=2", "ARTIFACT_CAP=1000000"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = spend_table(out)
+    assert headroom_of(out) < 0 and "(ARTIFACT_CAP 1,000,000 - total" in out and "nothing fits" in out
+    assert len(rows) >= 6 and not any(fits or setting for _, fits, setting in rows.values())
+    assert "QUANT_OVERRIDES" not in out and "MLP_MULT=" not in out
+    with pytest.raises(SystemExit, match="spend takes one LOG or NAME=VALUE"):
+        size_planner.main(["spend", "a.txt", "b.txt"])
+
+
+def test_spend_reads_a_finished_run(tmp_path, capsys):
+    """A log of a 4-layer run whose headroom buys one more bit on 2 layers' MLP matrices, not on 3."""
+    import torch
+    script = ROOT / "train_gpt.py"
+    code, (_, _, stg, args) = script.read_text(encoding="utf-8"), size_planner.configure({"NUM_LAYERS": "4"}, script)
+    with torch.device("meta"):
+        state = stg.GPT(args).state_dict()
+    layer = sum(t.numel() for n, t in state.items() if n.startswith("blocks.3.mlp.") and t.ndim == 2)
+    model = size_planner.model_bytes(stg, args)
+    total = model + len(code.encode())
+    cap = total + round(2.5 * layer * (size_planner.FACTORS["matrix_int7"] - size_planner.FACTORS["matrix_int6"]))
+    config = stg.config_dict(args) | {"artifact_cap": cap}
+
+    def log(path, *lines):
+        body = ["Running Python 3 PyTorch 2 device:cpu", "config " + json.dumps(config, sort_keys=True),
+                "world_size:1 grad_accum_steps:8", *lines]
+        path.write_text(code + "\n" + runlog.SEPARATOR + "\n" + "\n".join(body) + "\n", encoding="utf-8")
+        return str(path)
+
+    sizes = [f"Serialized model int6+zstd: {model} bytes", f"Code size: {len(code.encode())} bytes",
+             f"Total submission size int6+zstd: {total} bytes"]
+    with pytest.raises(SystemExit) as done:
+        size_planner.main(["spend", log(tmp_path / "run.txt", f"fit_to_cap: headroom {cap - total} bytes under "
+                                        f"ARTIFACT_CAP={cap} (records/size_planner.py spend: what it buys)", *sizes)])
+    assert done.value.code == 0
+    captured = capsys.readouterr()
+    rows, out = spend_table(captured.out), captured.out
+    assert headroom_of(out) == cap - total and f"logged: total {total:,} bytes" in out and "(+0.0%)" in out
+    assert "warning" not in captured.err
+    assert rows["+1 bit, MLP matrices of 2 of 4 layers (last 2: pick yours)"][1:] == (
+        True, r"QUANT_OVERRIDES='^blocks\.(2|3)\.mlp\.(fc|proj)\.weight$:7'")
+    assert rows["+1 bit, all attention matrices: int6 -> 7"][1] and not rows["+1 bit, all MLP matrices: int6 -> 7"][1]
+    with pytest.raises(SystemExit):  # a headroom line that disagrees with the total: the total line counts
+        size_planner.main(["spend", log(tmp_path / "odd.txt", f"fit_to_cap: headroom 5 bytes under ARTIFACT_CAP={cap}", *sizes)])
+    captured = capsys.readouterr()
+    assert "disagrees with its total size line" in captured.err and headroom_of(captured.out) == cap - total
+    with pytest.raises(SystemExit, match="no `Total submission size` line"):
+        size_planner.main(["spend", log(tmp_path / "crashed.txt", *sizes[:2])])
+
+
 # ----------------------------------------------------------------------------- compare runs
 
 def test_compare_runs_table_flags_failures_and_the_cap(runs, tmp_path):

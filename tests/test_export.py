@@ -1,0 +1,405 @@
+"""Tests of the April-records export (issue 15): SDClip per class, AWQ-lite inside GPTQ, LQER, COMPRESSOR=pergroup
+and the fit_to_cap headroom line; the artifact loader's checks of the new fields. CPU, tiny."""
+import re
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import train_gpt as tg  # noqa: E402
+from test_train_gpt import craft, final_value, randomized_model, run_script, tiny_args  # noqa: E402
+
+CPU = torch.device("cpu")
+# The tiny model's matrices are under SMALL_TENSOR_NUMEL: quantize them anyway, at int5.
+EXPORT = dict(quant_overrides=r"\.(c_q|c_k|c_v|proj|fc)\.weight$:5", attn_bits=5, mlp_bits=5, embed_bits=8,
+              awq_group=8, awq_bits=8, lqer_rank=2, lqer_top_k=3, lqer_bits=4)
+
+
+def export_args(**over):
+    return tiny_args(**EXPORT | over)
+
+
+def calibrated(args, seed=0):
+    """A randomized model and the Hessians of its quantized layers on random tokens."""
+    model = randomized_model(args, seed)
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, args.vocab_size, (2, 16), generator=g) for _ in range(2)]
+    return model, tg.collect_hessians(model, batches, args, CPU, 1)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """(args, model, qstate) of an export with AWQ + LQER through GPTQ."""
+    args = export_args()
+    model, hessians = calibrated(args)
+    qstate = tg.quantize_state_dict(model.state_dict(), args, hessians)
+    return args, model, qstate
+
+
+def first_with(qstate, *fields):
+    return next(n for n, e in qstate.items() if all(f in e for f in fields))
+
+
+def with_entry(qstate, name, **arrays):
+    """A copy of qstate whose entry `name` has some arrays replaced."""
+    return dict(qstate, **{name: dict(qstate[name], **arrays)})
+
+
+def load_blob(data):
+    return tg.deserialize_quantized(tg.decompress_artifact(data))
+
+
+def pergroup_artifact(body):
+    """An artifact of codec 4 around a hand-made section body, its CRC recomputed as compress_artifact does."""
+    full = bytes([4]) + body
+    return tg.ARTIFACT_MAGIC + full[:1] + struct.pack("<I", zlib.crc32(full)) + full[1:]
+
+
+def sections(body):
+    """[(codec id, payload)] of a pergroup body."""
+    out, i = [], 0
+    while i < len(body):
+        cid, n = struct.unpack_from("<BI", body, i)
+        out.append((cid, body[i + 5:i + 5 + n]))
+        i += 5 + n
+    return out
+
+
+# ----------------------------------------------------------------------------- round trip
+
+def test_awq_lqer_pergroup_artifact_round_trips_bit_for_bit(exported, tmp_path):
+    args, model, qstate = exported
+    awq = [n for n, e in qstate.items() if "awq" in e]
+    lqer = [n for n, e in qstate.items() if "lqer" in e]
+    assert len(awq) >= 4 and len(lqer) == args.lqer_top_k, (awq, lqer)  # the export exercises every new field
+    assert all(qstate[n]["awq"][1:] == [args.awq_group, args.awq_bits] for n in awq)
+    assert all(qstate[n]["lqer"] == [args.lqer_rank, args.lqer_bits] for n in lqer)
+    data = tg.compress_artifact(tg.serialize_quantized(qstate), "pergroup", 3)
+    assert data[4] == 4
+    back = load_blob(data)
+    assert back.keys() == qstate.keys()
+    for name, e in qstate.items():
+        assert back[name].keys() == e.keys(), name
+        for key, v in e.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == back[name][key].dtype and torch.equal(back[name][key], v), (name, key)
+            else:
+                assert back[name][key] == v and type(back[name][key]) is type(v), (name, key)
+    before, after = tg.dequantize_state_dict(qstate), tg.dequantize_state_dict(back)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The fields change the weights the model gets: AWQ columns on their own scale, the LQER term added.
+    plain = {k: e["q"].float() * e["scale"].float()[:, None] for k, e in qstate.items() if e["bits"]}
+    assert all(not torch.equal(before[k], plain[k]) for k in set(awq) | set(lqer))
+    path = tmp_path / "m.ptz"
+    path.write_bytes(data)
+    fresh = tg.GPT(args)
+    tg.load_artifact(path, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], before[k].to(fresh.state_dict()[k].dtype)) for k in before)
+
+
+# ----------------------------------------------------------------------------- pergroup
+
+def test_pergroup_sections_round_trip_and_record_their_codec(exported):
+    _, _, qstate = exported
+    blob = tg.serialize_quantized(qstate)
+    body = tg.compress_sections(blob, 3)
+    assert tg.decompress_sections(body) == blob
+    cuts, parts = tg.section_cuts(blob), sections(body)
+    assert len(parts) == len(cuts) - 1 >= 4  # the header, then runs of arrays by key and role
+    codecs = {cid: (c, d) for cid, c, d in list(tg._codecs().values())[:-1]} | {0: (lambda b, lvl: b, bytes)}
+    for (cid, z), a, b in zip(parts, cuts, cuts[1:]):
+        assert cid in codecs, cid
+        assert codecs[cid][1](z) == blob[a:b]  # decoded by the codec its id names
+        assert len(z) == min(len(c(blob[a:b], 3)) for c, _ in codecs.values())  # the best codec won (stored included)
+    assert tg.decompress_artifact(tg.compress_artifact(blob, "pergroup", 3)) == blob
+    assert tg.decompress_artifact(pergroup_artifact(body)) == blob  # the crafted wrapper reaches the section parser
+
+
+def test_pergroup_refuses_unknown_codec_and_overlong_sections(exported):
+    _, _, qstate = exported
+    body = tg.compress_sections(tg.serialize_quantized(qstate), 3)
+    (first, n), rest = struct.unpack_from("<BI", body), body[5:]
+    bad = {"unknown codec id 9": struct.pack("<BI", 9, n) + rest,
+           "nested pergroup id 4": struct.pack("<BI", 4, n) + rest,
+           "length past the end": struct.pack("<BI", first, len(body)) + rest,
+           "last section cut short": body[:-1],
+           "a partial section header at the end": body + b"\x00\x01"}
+    for what, b in bad.items():
+        with pytest.raises(tg.DataError, match="pergroup"):
+            tg.decompress_artifact(pergroup_artifact(b))
+        with pytest.raises(tg.DataError):  # what EVAL_ONLY sees
+            load_blob(pergroup_artifact(b))
+
+
+# ----------------------------------------------------------------------------- LQER
+
+def error_with_and_without_lqer(W, bits, rank, **over):
+    args = export_args(quant_overrides=rf"fc\.weight$:{bits}", lqer_rank=0, lqer_top_k=1, **over)
+    state = {"blocks.0.mlp.fc.weight": W}
+    q0 = tg.quantize_state_dict(state, args)["blocks.0.mlp.fc.weight"]
+    args.lqer_rank = rank
+    q1 = tg.quantize_state_dict(state, args)["blocks.0.mlp.fc.weight"]
+    assert "lqer" not in q0 and q1["lqer"] == [rank, args.lqer_bits]
+    assert torch.equal(q0["q"], q1["q"]) and torch.equal(q0["scale"], q1["scale"])  # LQER only adds the factors
+    err = lambda e: float((tg.dequantize_entry(e) - W).square().sum())  # noqa: E731
+    return err(q0), err(q1)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lqer_lowers_the_error_of_a_low_rank_plus_noise_matrix(bits):
+    torch.manual_seed(0)
+    W = torch.randn(64, 4) @ torch.randn(4, 96) / 2 + 0.01 * torch.randn(64, 96)
+    without, with_lqer = error_with_and_without_lqer(W, bits, 4)
+    assert with_lqer < 0.8 * without, (without, with_lqer)
+
+
+def grid_plus_low_rank(rows, cols, rank, size, seed, qmax=3, step=2 ** -5):
+    """W = (a matrix on the int grid) + a rank-`rank` term under half a step: its rounding error is that term."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randint(-qmax, qmax + 1, (rows, cols), generator=g).float()
+    Q[:, 0] = qmax  # fixes every row's max |w|, so its scale is `step`
+    P = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g)
+    P[:, 0] = 0
+    return Q * step + P * (size * step / P.abs().max())
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lqer_removes_a_low_rank_quantization_error_by_a_clear_factor(bits):
+    W = grid_plus_low_rank(64, 96, 4, 0.45, seed=1, qmax=2 ** (bits - 1) - 1)
+    without, with_lqer = error_with_and_without_lqer(W, bits, 4, quant_clip_ratios="1.0")
+    assert with_lqer < without / 10, (without, with_lqer)
+
+
+def test_lqer_goes_to_the_top_k_tensors_of_most_error_removed_per_byte():
+    """a: small, low-rank error; b: 4x its rows, more error removed in all but less per byte; c, d: noise."""
+    torch.manual_seed(0)
+    state = {"blocks.0.mlp.fc.weight": grid_plus_low_rank(32, 96, 2, 0.45, seed=2),
+             "blocks.1.mlp.fc.weight": grid_plus_low_rank(128, 96, 2, 0.27, seed=3),
+             "blocks.2.mlp.fc.weight": torch.randn(64, 96),
+             "blocks.3.mlp.fc.weight": torch.randn(48, 96)}
+    names = list(state)
+
+    def lqer_of(k):
+        args = export_args(quant_overrides=r"fc\.weight$:3", quant_clip_ratios="1.0", lqer_rank=2, lqer_top_k=k)
+        qstate = tg.quantize_state_dict(state, args)
+        return qstate, [n for n in names if "lqer" in qstate[n]]
+
+    everything, chosen = lqer_of(4)
+    assert chosen == names
+    removed, per_byte = {}, {}
+    for n in names:  # by hand, from the factors: identity Hessian without calibration
+        e = everything[n]
+        E = state[n] - (e["q"].float() * e["scale"].float()[:, None])
+        removed[n] = float(E.square().sum() - (E - tg.low_rank(e)).square().sum())
+        nbytes = (e["lqer_a"].numel() + e["lqer_b"].numel()) * 4 / 8 + 2 * (2 + e["q"].size(0))
+        per_byte[n] = removed[n] / nbytes
+    assert max(removed, key=removed.get) == names[1] and max(per_byte, key=per_byte.get) == names[0], (removed, per_byte)
+    by_gain = sorted(names, key=per_byte.get, reverse=True)
+    for k in (1, 2, 3):
+        qstate, chosen = lqer_of(k)
+        assert sorted(chosen) == sorted(by_gain[:k]), (k, chosen)
+        for n in chosen:  # the same factors whatever k
+            assert all(torch.equal(qstate[n][key], everything[n][key]) for key in ("lqer_a", "lqer_as", "lqer_b", "lqer_bs"))
+
+
+# ----------------------------------------------------------------------------- AWQ-lite
+
+def awq_case(seed=0, rows=48, cols=64, hot=slice(32, 48)):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) / cols ** 0.5
+    x = torch.randn(2048, cols, generator=g)
+    x[:, hot] *= 10  # one aligned group of columns sees large activations
+    return W, x, x.T @ x / len(x)
+
+
+def test_awq_keeps_the_most_salient_group_on_a_finer_grid():
+    W, x, H = awq_case()
+    name, bits = "blocks.0.mlp.fc.weight", 3
+    assert tg.salient_group(W, H, 16) == 32
+    base = export_args(quant_overrides=rf"fc\.weight$:{bits}", lqer_rank=0, awq_group=0)
+    plain = tg.quantize_state_dict({name: W}, base, {"blocks.0.mlp.fc": H})[name]
+    base.awq_group = 16
+    e = tg.quantize_state_dict({name: W}, base, {"blocks.0.mlp.fc": H})[name]
+    assert "awq" not in plain and e["awq"] == [32, 16, 8]
+    assert e["awq_scale"].dtype == torch.float16 and e["awq_scale"].shape == (48,)
+    hot, qmax = slice(32, 48), 2 ** (bits - 1) - 1
+    outside = torch.cat([e["q"][:, :32], e["q"][:, 48:]], 1)
+    assert outside.abs().max() <= qmax  # the rest stays on the int3 grid
+    assert e["q"][:, hot].abs().max() > qmax  # the group uses its finer grid
+    err = lambda entry: (tg.dequantize_entry(entry) - W)  # noqa: E731
+    assert err(e)[:, hot].square().sum() < 0.1 * err(plain)[:, hot].square().sum()
+    out = lambda entry: (x @ err(entry).T).square().mean()  # noqa: E731  the layer's output error
+    assert out(e) < out(plain)
+    back = load_blob(tg.compress_artifact(tg.serialize_quantized({name: e}), "zstd", 3))[name]
+    assert back["awq"] == e["awq"] and torch.equal(tg.dequantize_entry(back), tg.dequantize_entry(e))
+
+
+def test_awq_saliency_weighs_activations_by_weight_magnitude():
+    W, _, H = awq_case()
+    H = torch.eye(64)  # equal activations: the group of largest |w| wins
+    W[:, 8:16] *= 5
+    assert tg.salient_group(W, H, 8) == 8
+    assert tg.salient_group(W, H, 16) == 0
+    W, _, H = awq_case(hot=slice(60, 64))  # a partial last group is never chosen
+    assert tg.salient_group(W, H, 24) in (0, 24)
+
+
+# ----------------------------------------------------------------------------- SDClip per class
+
+@pytest.mark.parametrize("attn_sigmas,mlp_sigmas", [(0.0, 2.5), (2.0, 0.0)])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_clip_sigmas_apply_per_class(attn_sigmas, mlp_sigmas, method):
+    args = export_args(attn_clip_sigmas=attn_sigmas, mlp_clip_sigmas=mlp_sigmas, awq_group=0, lqer_rank=0)
+    model, hessians = calibrated(args)
+    state = model.state_dict()
+    qstate = tg.quantize_state_dict(state, args, hessians if method == "gptq" else None)
+    ratios, clipped = tg.clip_ratios(args), {"attn": 0, "mlp": 0}
+    for name, e in qstate.items():
+        if not e["bits"]:
+            continue
+        w, qmax, cls = state[name].float(), 2 ** (e["bits"] - 1) - 1, tg.tensor_class(name)
+        k = dict(attn=attn_sigmas, mlp=mlp_sigmas, embed=0.0)[cls]
+        amax = w.abs().amax(1)
+        if k:
+            expected = (torch.minimum(amax, k * w.std(1)) / qmax).half()
+            clipped[cls] += int((k * w.std(1) < amax).sum())
+        else:  # the clip-ratio search, as without SDClip
+            expected = tg.row_scales(w, e["bits"], ratios).squeeze(1).half()
+            assert not torch.equal(expected, (amax / qmax).half()) or cls == "embed", name  # the search chose clips
+        assert torch.equal(e["scale"], expected), name
+        assert e["q"].abs().max() <= qmax
+    on = "mlp" if mlp_sigmas else "attn"
+    assert clipped[on] > 0  # k x std was below max |w| on some rows: the clip was exercised
+
+
+# ----------------------------------------------------------------------------- tampered fields
+
+def awq_cols(e):
+    return e["arrays"]["q"]["shape"][1]
+
+
+TAMPER = [  # (entry to edit: with awq / with lqer / quantized without awq / unquantized, edit of its header entry, message)
+    ("awq past the last column", "awq", lambda e: e.update(awq=[awq_cols(e) - 4, 8, 8]), r"awq=\[.*inside the matrix"),
+    ("awq negative column", "awq", lambda e: e.update(awq=[-1, 8, 8]), "awq="),
+    ("awq no columns", "awq", lambda e: e.update(awq=[0, 0, 8]), "awq="),
+    ("awq wrong length", "awq", lambda e: e.update(awq=e["awq"][:2]), "awq="),
+    ("awq too long", "awq", lambda e: e.update(awq=e["awq"] + [0]), "awq="),
+    ("awq bits 9", "awq", lambda e: e.update(awq=e["awq"][:2] + [9]), "awq="),
+    ("awq bits as bool", "awq", lambda e: e.update(awq=e["awq"][:2] + [True]), "awq="),
+    ("awq not a list", "awq", lambda e: e.update(awq="0,8,8"), "awq="),
+    ("awq bits below its values", "awq", lambda e: e.update(awq=e["awq"][:2] + [2]), r"\(awq\).*int2 range"),
+    ("awq_scale wrong shape", "awq", lambda e: e["arrays"]["awq_scale"].update(shape=[e["arrays"]["awq_scale"]["shape"][0] // 2],
+                                                                              nbytes=e["arrays"]["awq_scale"]["nbytes"] // 2), r"\(awq\).*fp16 scale"),
+    ("awq_scale a column", "awq", lambda e: e["arrays"]["awq_scale"].update(shape=e["arrays"]["awq_scale"]["shape"] + [1]), "fp16 scale"),
+    ("awq_scale missing", "awq", lambda e: e["arrays"].pop("awq_scale"), "expected"),
+    ("awq field dropped", "awq", lambda e: e.pop("awq"), "expected"),
+    ("awq added without awq_scale", "no awq", lambda e: e.update(awq=[0, 8, 8]), "expected"),
+    ("lqer rank above the factors'", "lqer", lambda e: e.update(lqer=[e["lqer"][0] + 1, e["lqer"][1]]), r"\(lqer a\)"),
+    ("lqer rank below the factors'", "lqer", lambda e: e.update(lqer=[1, e["lqer"][1]]), r"\(lqer a\)"),
+    ("lqer rank 0", "lqer", lambda e: e.update(lqer=[0, e["lqer"][1]]), "lqer="),
+    ("lqer bits 9", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 9]), "lqer="),
+    ("lqer bits 1", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 1]), "lqer="),
+    ("lqer bits a float", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 4.0]), "lqer="),
+    ("lqer wrong length", "lqer", lambda e: e.update(lqer=e["lqer"][:1]), "lqer="),
+    ("lqer bits below the factors'", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 2]), r"\(lqer a\).*int2 range"),
+    ("lqer_b transposed", "lqer", lambda e: e["arrays"]["lqer_b"].update(shape=e["arrays"]["lqer_b"]["shape"][::-1]), r"\(lqer b\)"),
+    ("lqer_bs wrong shape", "lqer", lambda e: e["arrays"]["lqer_bs"].update(shape=[1, e["lqer"][0]]), r"\(lqer b\)"),
+    ("lqer factor stored as float", "lqer", lambda e: e["arrays"]["lqer_a"].update(dtype="float16", shape=[e["arrays"]["lqer_a"]["shape"][0], 1]), r"\(lqer a\)"),
+    ("lqer field dropped", "lqer", lambda e: e.pop("lqer"), "expected"),
+    ("lqer array dropped", "lqer", lambda e: e["arrays"].pop("lqer_b"), "expected"),
+    ("unknown extra field", "lqer", lambda e: e.update(gain=1.5), "unknown fields"),
+    ("awq on an fp16 tensor", "plain", lambda e: e.update(awq=[0, 1, 8]), "unknown fields"),
+    ("lqer on an fp16 tensor", "plain", lambda e: e.update(lqer=[1, 4]), "unknown fields"),
+]
+
+
+@pytest.mark.parametrize("what,target,edit,message", TAMPER, ids=[t[0] for t in TAMPER])
+def test_a_tampered_awq_or_lqer_field_is_refused_with_a_clear_error(exported, what, target, edit, message):
+    _, _, qstate = exported
+    name = dict(plain=next(n for n, e in qstate.items() if not e["bits"]),
+                **{"no awq": next(n for n, e in qstate.items() if e["bits"] and "awq" not in e)}).get(target)
+    name = name or first_with(qstate, target)
+    with pytest.raises(tg.DataError, match=message):
+        load_blob(craft(qstate, lambda tensors: edit(tensors[name])))
+
+
+def test_bad_values_in_awq_or_lqer_arrays_are_refused(exported):
+    _, _, qstate = exported
+    a, w = first_with(qstate, "lqer"), first_with(qstate, "awq")
+    lqer, awq = qstate[a], qstate[w]
+    nan_as, inf_awq, big_a, big_awq = lqer["lqer_as"].clone(), awq["awq_scale"].clone(), lqer["lqer_a"].clone(), awq["q"].clone()
+    nan_as[0], inf_awq[1], big_a[0, 0], big_b = float("nan"), float("inf"), 2 ** (lqer["lqer"][1] - 1), lqer["lqer_b"].clone()
+    big_b[-1, -1] = -(2 ** (lqer["lqer"][1] - 1))
+    c0, n, abits = awq["awq"]
+    big_awq[2, c0 + n - 1] = 2 ** (abits - 1) if abits < 8 else 127
+    out_of_base = awq["q"].clone()
+    out_of_base[0, (c0 + n) % out_of_base.size(1)] = 2 ** (awq["bits"] - 1)  # a column outside the group
+    cases = [(with_entry(qstate, a, lqer_as=nan_as), "non-finite lqer_as"),
+             (with_entry(qstate, w, awq_scale=inf_awq), "non-finite awq_scale"),
+             (with_entry(qstate, a, lqer_a=big_a), r"\(lqer a\).*int4 range"),
+             (with_entry(qstate, a, lqer_b=big_b), r"\(lqer b\).*int4 range"),
+             (with_entry(qstate, w, q=out_of_base), f"{re.escape(w)}: a value outside the int{awq['bits']} range")]
+    if abits < 8:
+        cases.append((with_entry(qstate, w, q=big_awq), r"\(awq\)"))
+    for state, message in cases:
+        with pytest.raises(tg.DataError, match=message):
+            load_blob(tg.compress_artifact(tg.serialize_quantized(state), "pergroup", 3))
+
+
+def test_minus_128_in_a_factor_is_outside_the_int_range(exported):
+    """int8 -128 lies outside every intN grid (|q| <= 2^(N-1) - 1), and the loader's own error for it names the
+    range: check_grid's q.abs().max() wraps -128 to -128 in int8, so the value passes unseen (q, awq and factors)."""
+    _, _, qstate = exported
+    a = first_with(qstate, "lqer")
+    for key in ("lqer_a", "q"):
+        t = qstate[a][key].clone()
+        t[0, 0] = -128
+        with pytest.raises(tg.DataError, match="range"):
+            load_blob(tg.compress_artifact(tg.serialize_quantized(with_entry(qstate, a, **{key: t})), "zstd", 3))
+
+
+def test_a_one_dimensional_lqer_factor_is_refused_not_a_crash(exported):
+    """A factor stored 1-D with the right first dimension: check_grid reads q.shape[1] before q.ndim, and the
+    IndexError is not among the errors deserialize_quantized turns into a DataError."""
+    _, _, qstate = exported
+    a = first_with(qstate, "lqer")
+    rows, rank = qstate[a]["lqer_a"].shape
+
+    def one_d(key, n):
+        return lambda tensors: tensors[a]["arrays"][key].update(shape=[n], nbytes=n)
+    for key, n in (("lqer_a", rows), ("lqer_b", rank)):
+        with pytest.raises(tg.DataError):
+            load_blob(craft(qstate, one_d(key, n)))
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path):
+    env = dict(SMOKE=1, ITERATIONS=4, FINAL_EVAL="roundtrip", LQER_RANK=2, AWQ_GROUP=16, COMPRESSOR="pergroup")
+    out = run_script(tmp_path, env, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    key = "final_int6_pergroup_roundtrip_exact"
+    line = re.search(rf"^{key} .*$", out.stdout, re.M).group(0)
+    total = int(re.search(r"Total submission size int6\+pergroup: (\d+) bytes", out.stdout).group(1))
+    headroom = int(re.search(r"^fit_to_cap: headroom (\d+) bytes under ARTIFACT_CAP=16000000", out.stdout, re.M).group(1))
+    assert headroom == 16_000_000 - total
+    lqer_logged = re.search(r"^quantize:gptq .*$", out.stdout, re.M).group(0).split(" lqer:")[1:]
+    assert len(lqer_logged) == 3  # LQER_TOP_K's default
+    data = (tmp_path / "final_model.int6.ptz").read_bytes()
+    assert data[4] == 4
+    qstate = load_blob(data)
+    assert sorted(n for n, e in qstate.items() if "lqer" in e) == sorted(lqer_logged)
+    assert all(qstate[n]["lqer"] == [2, 4] for n in lqer_logged)
+    assert sum("awq" in e for e in qstate.values()) >= 4 and all(e["awq"][1:] == [16, 8] for e in qstate.values() if "awq" in e)
+    again = run_script(tmp_path, env | dict(EVAL_ONLY="final_model.int6.ptz"), timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step:" not in again.stdout and "eval_only: final_model.int6.ptz" in again.stdout
+    assert re.search(rf"^{key} .*$", again.stdout, re.M).group(0) == line
+    assert final_value(again.stdout, key) == final_value(out.stdout, key)
