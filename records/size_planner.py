@@ -245,9 +245,7 @@ def next_bits(bits: int | None) -> int | None:
 
 
 def more_bits(bits: int) -> str:
-    """+1 bit, int6 -> int7 (or +8 bits, int8 -> fp16)"""
-    up = next_bits(bits)
-    return f"+{up - bits} bit{'s' if up - bits > 1 else ''}, int{bits} -> {'fp16' if up == 16 else f'int{up}'}"
+    return f"int{bits} -> {'fp16' if next_bits(bits) == 16 else f'int{next_bits(bits)}'}"
 
 
 def alternation(names: list[str]) -> str:
@@ -301,13 +299,13 @@ def uses(tg, args, headroom: int, world: int) -> list[tuple[int | None, str, str
             item = rf"^blocks\.{ids if len(layers) == 1 else f'({ids})'}\.{alternation(list(names))}:{next_bits(bits)}"
             return ",".join(filter(None, (args.quant_overrides, item)))
         one = extra(quant_overrides=overrides([L - 1]))
-        rows.append((one, f"{what} matrices of 1 layer: {more_bits(bits)}",
+        rows.append((one, f"{what} matrices, 1 layer: {more_bits(bits)}",
                      f"QUANT_OVERRIDES='{overrides([L - 1])}'"))
         k = min(L, headroom // one) if one else 0  # as many layers as fit (each costs the same)
         while k > 1 and not fits(e := extra(quant_overrides=overrides(range(L - k, L)))):
             k -= 1
         if k > 1 and (k < L or not any(use.startswith(f"all {what}") for _, use, _ in rows)):
-            use = f"{what} matrices of {k} of {L} layers" + (f" (last {k}: pick yours)" if k < L else "") + f": {more_bits(bits)}"
+            use = f"{what} matrices, {k} of {L} layers: {more_bits(bits)}"
             rows.append((e, use, f"QUANT_OVERRIDES='{overrides(range(L - k, L))}'"))
     mult = lambda k: args.mlp_mult + 0.25 * k  # noqa: E731
     k, hi = 0, 1  # the largest k that fits: bytes grow with MLP_MULT
@@ -326,13 +324,14 @@ def spend(tg, args, total: int, world: int) -> int:
     headroom = cap - total
     print(f"headroom: {headroom:+,} bytes (ARTIFACT_CAP {cap:,} - total {total:,})")
     rows = uses(tg, args, headroom, world)
-    print(f"\n{'use':<66}{'extra bytes':>13}  {'fits':<8}setting")
+    print(f"\n{'use':<56}{'extra bytes':>13}  {'fits':<8}setting")
     for e, use, setting in rows:
         ok = e is not None and e <= headroom
         fits = "refused" if e is None else "yes" if ok else "no"  # refused: by the script's validate_config
-        print(f"{use:<66}{'-' if e is None else f'{e:+,}':>13}  {fits:<8}{setting if ok else ''}".rstrip())
+        print(f"{use:<56}{'-' if e is None else f'{e:+,}':>13}  {fits:<8}{setting if ok else ''}".rstrip())
     print("\nextra bytes: predicted from FACTORS (compressed bytes per parameter), not val_bpb: "
-          "which use buys the most val_bpb must be measured")
+          "which use buys the most val_bpb must be measured.\nlayers: a QUANT_OVERRIDES shown names the last ones, "
+          "put those you want (blocks\\.(i|j|...)\\.).")
     if not any(e is not None and e <= headroom for e, *_ in rows):
         print(f"nothing fits: free {-headroom:,} bytes first" if headroom < 0 else "nothing fits")
     return 0

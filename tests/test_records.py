@@ -349,8 +349,8 @@ def test_spend_prices_the_uses_of_the_headroom_of_a_configuration(capsys):
     out = capsys.readouterr().out
     rows, headroom = spend_table(out), headroom_of(out)
     assert headroom > 10_000_000 and "not val_bpb" in out and "nothing fits" not in out
-    assert {"+1 bit, all attention matrices: int6 -> 7", "+1 bit, all MLP matrices: int6 -> 7",  # bits, width, depth
-            "+1 bit, all embeddings: int8 -> 16", "one more layer: NUM_LAYERS 2 -> 3"} <= set(rows)
+    assert {"all attention matrices: int6 -> int7", "all MLP matrices: int6 -> int7",  # bits, width, depth
+            "all embeddings: int8 -> fp16", "one more layer: NUM_LAYERS 2 -> 3"} <= set(rows)
     wider = [u for u in rows if u.startswith("wider MLP: MLP_MULT 3 -> ") and u.endswith("(largest that fits)")]
     assert len(wider) == 1 and all(fits and setting for _, fits, setting in rows.values())
     assert [e for e, *_ in rows.values()] == sorted(e for e, *_ in rows.values())
@@ -360,9 +360,9 @@ def test_spend_prices_the_uses_of_the_headroom_of_a_configuration(capsys):
         state = stg.GPT(args).state_dict()
     mlp = sum(t.numel() for n, t in state.items() if ".mlp." in n and stg.quant_bits_for(n, t, args) == 6)
     step = size_planner.FACTORS["matrix_int7"] - size_planner.FACTORS["matrix_int6"]
-    assert abs(rows["+1 bit, all MLP matrices: int6 -> 7"][0] - mlp * step) <= 1
+    assert abs(rows["all MLP matrices: int6 -> int7"][0] - mlp * step) <= 1
     # the one-layer QUANT_OVERRIDES gives exactly the last layer's MLP matrices one more bit
-    setting = rows["+1 bit, MLP matrices of 1 layer: int6 -> 7"][2]
+    setting = rows["MLP matrices, 1 layer: int6 -> int7"][2]
     assert setting == r"QUANT_OVERRIDES='^blocks\.1\.mlp\.(fc|proj)\.weight$:7'"
     args.quant_overrides = setting.split("=", 1)[1].strip("'")
     assert {n for n, t in state.items() if stg.quant_bits_for(n, t, args) == 7} == {"blocks.1.mlp.fc.weight",
@@ -382,7 +382,7 @@ def test_spend_over_the_cap_suggests_nothing(capsys):
     rows = spend_table(out)
     assert headroom_of(out) < 0 and "(ARTIFACT_CAP 1,000,000 - total" in out and "nothing fits" in out
     assert len(rows) >= 6 and not any(fits or setting for _, fits, setting in rows.values())
-    assert "QUANT_OVERRIDES" not in out and "MLP_MULT=" not in out
+    assert "QUANT_OVERRIDES='" not in out and "MLP_MULT=" not in out and "NUM_LAYERS=" not in out
     with pytest.raises(SystemExit, match="spend takes one LOG or NAME=VALUE"):
         size_planner.main(["spend", "a.txt", "b.txt"])
 
@@ -416,9 +416,9 @@ def test_spend_reads_a_finished_run(tmp_path, capsys):
     rows, out = spend_table(captured.out), captured.out
     assert headroom_of(out) == cap - total and f"logged: total {total:,} bytes" in out and "(+0.0%)" in out
     assert "warning" not in captured.err
-    assert rows["+1 bit, MLP matrices of 2 of 4 layers (last 2: pick yours)"][1:] == (
+    assert rows["MLP matrices, 2 of 4 layers: int6 -> int7"][1:] == (
         True, r"QUANT_OVERRIDES='^blocks\.(2|3)\.mlp\.(fc|proj)\.weight$:7'")
-    assert rows["+1 bit, all attention matrices: int6 -> 7"][1] and not rows["+1 bit, all MLP matrices: int6 -> 7"][1]
+    assert rows["all attention matrices: int6 -> int7"][1] and not rows["all MLP matrices: int6 -> int7"][1]
     with pytest.raises(SystemExit):  # a headroom line that disagrees with the total: the total line counts
         size_planner.main(["spend", log(tmp_path / "odd.txt", f"fit_to_cap: headroom 5 bytes under ARTIFACT_CAP={cap}", *sizes)])
     captured = capsys.readouterr()
