@@ -163,8 +163,8 @@ def test_lqer_lowers_the_error_of_a_low_rank_plus_noise_matrix(bits):
 def grid_plus_low_rank(rows, cols, rank, size, seed, qmax=3, step=2 ** -5):
     """W = (a matrix on the int grid) + a rank-`rank` term under half a step: its rounding error is that term."""
     g = torch.Generator().manual_seed(seed)
-    Q = torch.randint(-qmax, qmax + 1, (rows, cols), generator=g).float()
-    Q[:, 0] = qmax  # fixes every row's max |w|, so its scale is `step`
+    Q = torch.randint(1 - qmax, qmax, (rows, cols), generator=g).float()
+    Q[:, 0] = qmax  # every row's max |w|, so its scale is `step`
     P = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g)
     P[:, 0] = 0
     return Q * step + P * (size * step / P.abs().max())
@@ -181,9 +181,9 @@ def test_lqer_goes_to_the_top_k_tensors_of_most_error_removed_per_byte():
     """a: small, low-rank error; b: 4x its rows, more error removed in all but less per byte; c, d: noise."""
     torch.manual_seed(0)
     state = {"blocks.0.mlp.fc.weight": grid_plus_low_rank(32, 96, 2, 0.45, seed=2),
-             "blocks.1.mlp.fc.weight": grid_plus_low_rank(128, 96, 2, 0.27, seed=3),
-             "blocks.2.mlp.fc.weight": torch.randn(64, 96),
-             "blocks.3.mlp.fc.weight": torch.randn(48, 96)}
+             "blocks.1.mlp.fc.weight": grid_plus_low_rank(128, 96, 2, 0.45, seed=3),
+             "blocks.2.mlp.fc.weight": 0.01 * torch.randn(64, 96),  # about the same step as a and b
+             "blocks.3.mlp.fc.weight": 0.01 * torch.randn(48, 96)}
     names = list(state)
 
     def lqer_of(k):
@@ -281,81 +281,93 @@ def test_clip_sigmas_apply_per_class(attn_sigmas, mlp_sigmas, method):
 
 # ----------------------------------------------------------------------------- tampered fields
 
-def awq_cols(e):
-    return e["arrays"]["q"]["shape"][1]
+def array_edit(key, **fields):
+    """An edit of one array's header record; callables get the record."""
+    def edit(e):
+        a = e["arrays"][key]
+        a.update({k: v(a) if callable(v) else v for k, v in fields.items()})
+    return edit
 
 
-TAMPER = [  # (entry to edit: with awq / with lqer / quantized without awq / unquantized, edit of its header entry, message)
-    ("awq past the last column", "awq", lambda e: e.update(awq=[awq_cols(e) - 4, 8, 8]), r"awq=\[.*inside the matrix"),
-    ("awq negative column", "awq", lambda e: e.update(awq=[-1, 8, 8]), "awq="),
-    ("awq no columns", "awq", lambda e: e.update(awq=[0, 0, 8]), "awq="),
-    ("awq wrong length", "awq", lambda e: e.update(awq=e["awq"][:2]), "awq="),
-    ("awq too long", "awq", lambda e: e.update(awq=e["awq"] + [0]), "awq="),
-    ("awq bits 9", "awq", lambda e: e.update(awq=e["awq"][:2] + [9]), "awq="),
-    ("awq bits as bool", "awq", lambda e: e.update(awq=e["awq"][:2] + [True]), "awq="),
-    ("awq not a list", "awq", lambda e: e.update(awq="0,8,8"), "awq="),
-    ("awq bits below its values", "awq", lambda e: e.update(awq=e["awq"][:2] + [2]), r"\(awq\).*int2 range"),
-    ("awq_scale wrong shape", "awq", lambda e: e["arrays"]["awq_scale"].update(shape=[e["arrays"]["awq_scale"]["shape"][0] // 2],
-                                                                              nbytes=e["arrays"]["awq_scale"]["nbytes"] // 2), r"\(awq\).*fp16 scale"),
-    ("awq_scale a column", "awq", lambda e: e["arrays"]["awq_scale"].update(shape=e["arrays"]["awq_scale"]["shape"] + [1]), "fp16 scale"),
+def field(key, value):
+    """An edit of a header field; a callable value gets the entry."""
+    return lambda e: e.update({key: value(e) if callable(value) else value})
+
+
+TAMPER = [  # (what, entry edited: with awq / with lqer / quantized without awq / unquantized, edit, message)
+    ("awq past the last column", "awq", field("awq", lambda e: [e["arrays"]["q"]["shape"][1] - 4, 8, 8]), "awq="),
+    ("awq negative column", "awq", field("awq", [-1, 8, 8]), "awq="),
+    ("awq no columns", "awq", field("awq", [0, 0, 8]), "awq="),
+    ("awq wrong length", "awq", field("awq", lambda e: e["awq"][:2]), "awq="),
+    ("awq too long", "awq", field("awq", lambda e: e["awq"] + [0]), "awq="),
+    ("awq bits 9", "awq", field("awq", lambda e: e["awq"][:2] + [9]), "awq="),
+    ("awq bits as bool", "awq", field("awq", lambda e: e["awq"][:2] + [True]), "awq="),
+    ("awq not a list", "awq", field("awq", "0,8,8"), "awq="),
+    ("awq bits below its values", "awq", field("awq", lambda e: e["awq"][:2] + [2]), r"\(awq\).*int2 range"),
+    ("awq_scale half its rows", "awq",
+     array_edit("awq_scale", shape=lambda a: [a["shape"][0] // 2], nbytes=lambda a: a["nbytes"] // 2),
+     r"\(awq\).*fp16 scale"),
+    ("awq_scale a column", "awq", array_edit("awq_scale", shape=lambda a: a["shape"] + [1]), r"\(awq\).*fp16 scale"),
     ("awq_scale missing", "awq", lambda e: e["arrays"].pop("awq_scale"), "expected"),
     ("awq field dropped", "awq", lambda e: e.pop("awq"), "expected"),
-    ("awq added without awq_scale", "no awq", lambda e: e.update(awq=[0, 8, 8]), "expected"),
-    ("lqer rank above the factors'", "lqer", lambda e: e.update(lqer=[e["lqer"][0] + 1, e["lqer"][1]]), r"\(lqer a\)"),
-    ("lqer rank below the factors'", "lqer", lambda e: e.update(lqer=[1, e["lqer"][1]]), r"\(lqer a\)"),
-    ("lqer rank 0", "lqer", lambda e: e.update(lqer=[0, e["lqer"][1]]), "lqer="),
-    ("lqer bits 9", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 9]), "lqer="),
-    ("lqer bits 1", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 1]), "lqer="),
-    ("lqer bits a float", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 4.0]), "lqer="),
-    ("lqer wrong length", "lqer", lambda e: e.update(lqer=e["lqer"][:1]), "lqer="),
-    ("lqer bits below the factors'", "lqer", lambda e: e.update(lqer=[e["lqer"][0], 2]), r"\(lqer a\).*int2 range"),
-    ("lqer_b transposed", "lqer", lambda e: e["arrays"]["lqer_b"].update(shape=e["arrays"]["lqer_b"]["shape"][::-1]), r"\(lqer b\)"),
-    ("lqer_bs wrong shape", "lqer", lambda e: e["arrays"]["lqer_bs"].update(shape=[1, e["lqer"][0]]), r"\(lqer b\)"),
-    ("lqer factor stored as float", "lqer", lambda e: e["arrays"]["lqer_a"].update(dtype="float16", shape=[e["arrays"]["lqer_a"]["shape"][0], 1]), r"\(lqer a\)"),
+    ("awq added without awq_scale", "no awq", field("awq", [0, 8, 8]), "expected"),
+    ("lqer rank above the factors'", "lqer", field("lqer", lambda e: [e["lqer"][0] + 1, e["lqer"][1]]), r"\(lqer a\)"),
+    ("lqer rank below the factors'", "lqer", field("lqer", lambda e: [1, e["lqer"][1]]), r"\(lqer a\)"),
+    ("lqer rank 0", "lqer", field("lqer", lambda e: [0, e["lqer"][1]]), "lqer="),
+    ("lqer bits 9", "lqer", field("lqer", lambda e: [e["lqer"][0], 9]), "lqer="),
+    ("lqer bits 1", "lqer", field("lqer", lambda e: [e["lqer"][0], 1]), "lqer="),
+    ("lqer bits a float", "lqer", field("lqer", lambda e: [e["lqer"][0], 4.0]), "lqer="),
+    ("lqer wrong length", "lqer", field("lqer", lambda e: e["lqer"][:1]), "lqer="),
+    ("lqer bits below the factors'", "lqer", field("lqer", lambda e: [e["lqer"][0], 2]), r"\(lqer a\).*int2 range"),
+    ("lqer_b transposed", "lqer", array_edit("lqer_b", shape=lambda a: a["shape"][::-1]), r"\(lqer b\)"),
+    ("lqer_bs wrong shape", "lqer", array_edit("lqer_bs", shape=lambda a: [1, a["shape"][0]]), r"\(lqer b\)"),
+    ("lqer factor stored as float", "lqer", array_edit("lqer_a", dtype="float16", shape=lambda a: [a["nbytes"] // 2]),
+     r"\(lqer a\)"),
     ("lqer field dropped", "lqer", lambda e: e.pop("lqer"), "expected"),
     ("lqer array dropped", "lqer", lambda e: e["arrays"].pop("lqer_b"), "expected"),
-    ("unknown extra field", "lqer", lambda e: e.update(gain=1.5), "unknown fields"),
-    ("awq on an fp16 tensor", "plain", lambda e: e.update(awq=[0, 1, 8]), "unknown fields"),
-    ("lqer on an fp16 tensor", "plain", lambda e: e.update(lqer=[1, 4]), "unknown fields"),
+    ("unknown extra field", "lqer", field("gain", 1.5), "gain"),
+    ("awq on an fp16 tensor", "plain", field("awq", [0, 1, 8]), "awq"),
+    ("lqer on an fp16 tensor", "plain", field("lqer", [1, 4]), "lqer"),
 ]
 
 
 @pytest.mark.parametrize("what,target,edit,message", TAMPER, ids=[t[0] for t in TAMPER])
 def test_a_tampered_awq_or_lqer_field_is_refused_with_a_clear_error(exported, what, target, edit, message):
     _, _, qstate = exported
-    name = dict(plain=next(n for n, e in qstate.items() if not e["bits"]),
-                **{"no awq": next(n for n, e in qstate.items() if e["bits"] and "awq" not in e)}).get(target)
+    name = {"plain": next(n for n, e in qstate.items() if not e["bits"]),
+            "no awq": next(n for n, e in qstate.items() if e["bits"] and "awq" not in e)}.get(target)
     name = name or first_with(qstate, target)
-    with pytest.raises(tg.DataError, match=message):
+    with pytest.raises(tg.DataError, match=message) as refused:
         load_blob(craft(qstate, lambda tensors: edit(tensors[name])))
+    assert f"artifact tensor {name}" in str(refused.value)  # names the tensor
 
 
 def test_bad_values_in_awq_or_lqer_arrays_are_refused(exported):
     _, _, qstate = exported
     a, w = first_with(qstate, "lqer"), first_with(qstate, "awq")
-    lqer, awq = qstate[a], qstate[w]
-    nan_as, inf_awq, big_a, big_awq = lqer["lqer_as"].clone(), awq["awq_scale"].clone(), lqer["lqer_a"].clone(), awq["q"].clone()
-    nan_as[0], inf_awq[1], big_a[0, 0], big_b = float("nan"), float("inf"), 2 ** (lqer["lqer"][1] - 1), lqer["lqer_b"].clone()
-    big_b[-1, -1] = -(2 ** (lqer["lqer"][1] - 1))
-    c0, n, abits = awq["awq"]
-    big_awq[2, c0 + n - 1] = 2 ** (abits - 1) if abits < 8 else 127
-    out_of_base = awq["q"].clone()
-    out_of_base[0, (c0 + n) % out_of_base.size(1)] = 2 ** (awq["bits"] - 1)  # a column outside the group
-    cases = [(with_entry(qstate, a, lqer_as=nan_as), "non-finite lqer_as"),
-             (with_entry(qstate, w, awq_scale=inf_awq), "non-finite awq_scale"),
-             (with_entry(qstate, a, lqer_a=big_a), r"\(lqer a\).*int4 range"),
-             (with_entry(qstate, a, lqer_b=big_b), r"\(lqer b\).*int4 range"),
-             (with_entry(qstate, w, q=out_of_base), f"{re.escape(w)}: a value outside the int{awq['bits']} range")]
-    if abits < 8:
-        cases.append((with_entry(qstate, w, q=big_awq), r"\(awq\)"))
+    lqer_qmax, (c0, n, awq_bits) = 2 ** (qstate[a]["lqer"][1] - 1) - 1, qstate[w]["awq"]
+
+    def changed(name, key, at, value):
+        t = qstate[name][key].clone()
+        t[at] = value
+        return with_entry(qstate, name, **{key: t})
+    cases = [(changed(a, "lqer_as", 0, float("nan")), "non-finite lqer_as"),
+             (changed(w, "awq_scale", 1, float("inf")), "non-finite awq_scale"),
+             (changed(a, "lqer_a", (0, 0), lqer_qmax + 1), r"\(lqer a\).*int4 range"),
+             (changed(a, "lqer_b", (-1, -1), -lqer_qmax - 1), r"\(lqer b\).*int4 range"),
+             # a column outside the AWQ group: on the base grid
+             (changed(w, "q", (0, (c0 + n) % qstate[w]["q"].size(1)), 2 ** (qstate[w]["bits"] - 1)),
+              f"{re.escape(w)}: a value outside the int{qstate[w]['bits']} range")]
+    if awq_bits < 8:
+        cases.append((changed(w, "q", (2, c0 + n - 1), 2 ** (awq_bits - 1)), r"\(awq\)"))
     for state, message in cases:
         with pytest.raises(tg.DataError, match=message):
             load_blob(tg.compress_artifact(tg.serialize_quantized(state), "pergroup", 3))
 
 
-def test_minus_128_in_a_factor_is_outside_the_int_range(exported):
-    """int8 -128 lies outside every intN grid (|q| <= 2^(N-1) - 1), and the loader's own error for it names the
-    range: check_grid's q.abs().max() wraps -128 to -128 in int8, so the value passes unseen (q, awq and factors)."""
+def test_minus_128_in_q_or_a_factor_is_refused(exported):
+    """int8 -128 is outside every intN grid (|q| <= 2^(N-1) - 1, N <= 8). FAILS at b4cd8a3: check_grid's
+    int(q.abs().max()) takes the int8 abs, which wraps -128 to -128, so the value loads silently as -128 x scale."""
     _, _, qstate = exported
     a = first_with(qstate, "lqer")
     for key in ("lqer_a", "q"):
@@ -366,17 +378,14 @@ def test_minus_128_in_a_factor_is_outside_the_int_range(exported):
 
 
 def test_a_one_dimensional_lqer_factor_is_refused_not_a_crash(exported):
-    """A factor stored 1-D with the right first dimension: check_grid reads q.shape[1] before q.ndim, and the
-    IndexError is not among the errors deserialize_quantized turns into a DataError."""
+    """A factor stored 1-D with the right first dimension (b4cd8a3: check_grid read q.shape[1] before checking
+    q.ndim, and that IndexError escaped deserialize_quantized as a crash)."""
     _, _, qstate = exported
     a = first_with(qstate, "lqer")
     rows, rank = qstate[a]["lqer_a"].shape
-
-    def one_d(key, n):
-        return lambda tensors: tensors[a]["arrays"][key].update(shape=[n], nbytes=n)
     for key, n in (("lqer_a", rows), ("lqer_b", rank)):
         with pytest.raises(tg.DataError):
-            load_blob(craft(qstate, one_d(key, n)))
+            load_blob(craft(qstate, lambda tensors: array_edit(key, shape=[n], nbytes=n)(tensors[a])))
 
 
 # ----------------------------------------------------------------------------- the script end to end
@@ -397,7 +406,8 @@ def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path)
     qstate = load_blob(data)
     assert sorted(n for n, e in qstate.items() if "lqer" in e) == sorted(lqer_logged)
     assert all(qstate[n]["lqer"] == [2, 4] for n in lqer_logged)
-    assert sum("awq" in e for e in qstate.values()) >= 4 and all(e["awq"][1:] == [16, 8] for e in qstate.values() if "awq" in e)
+    awq = [e["awq"] for e in qstate.values() if "awq" in e]
+    assert len(awq) >= 4 and all(f[1:] == [16, 8] for f in awq)
     again = run_script(tmp_path, env | dict(EVAL_ONLY="final_model.int6.ptz"), timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step:" not in again.stdout and "eval_only: final_model.int6.ptz" in again.stdout
