@@ -962,8 +962,9 @@ class Evaluation:
     world_size: int = 1
     log: object = print
 
-    def share(self, n):
-        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+    def share(self, items):  # this rank's contiguous part of an array or a range
+        n = len(items)
+        return items[n * self.rank // self.world_size:n * (self.rank + 1) // self.world_size]
 
 
 @functools.lru_cache(maxsize=4)
@@ -981,7 +982,7 @@ class ScoreSheet:
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
         self.norm_err = torch.zeros((), device=device)
-        self.net_nats = None  # the network's losses once a mixture replaced `nats`
+        self.net_nats = self.nats  # the network's losses, kept when a mixture replaces `nats`
 
     @torch.no_grad()
     def record(self, pos, logits, y):
@@ -995,13 +996,9 @@ class ScoreSheet:
             self.row_nats.index_add_(0, pos, nats)
             self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
 
-    @property
-    def network_nats(self):
-        return self.nats if self.net_nats is None else self.net_nats
-
-    def reduce(self):
+    def reduce(self, names=("nats", "ent", "hits", "fp", "row_nats")):
         if dist.is_initialized():
-            for t in (self.nats, self.ent, self.hits, self.fp, self.row_nats):
+            for t in (getattr(self, k) for k in names):
                 if t is not None:
                     dist.all_reduce(t)
             dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
@@ -1010,17 +1007,15 @@ class ScoreSheet:
     def check_once(self):
         bad = (self.hits != 1).nonzero()
         if len(bad):
-            p = int(bad[0])
             raise EvalError(f"{len(bad)} of {self.hits.numel()} targets not scored exactly once "
-                            f"(target {p} scored {int(self.hits[p])} times)")
+                            f"(target {int(bad[0])} scored {int(self.hits[bad[0]])} times)")
 
     def result(self, tokens, luts):
         self.check_once()
         nbytes = target_bytes(tokens.to(self.nats.device), luts)
         nats = self.nats.double().sum().item()
         if not math.isfinite(nats):
-            raise EvalError(f"the validation loss is {nats} (non-finite probabilities): check the training log "
-                            "and the artifact")
+            raise EvalError(f"non-finite validation loss {nats}: check the training log and the artifact")
         return nats / nbytes.numel(), nats / (math.log(2) * nbytes.sum().item())
 
 
@@ -1030,9 +1025,7 @@ def autocast_ctx(device):
 
 def window_plan(total, seq_len, stride):
     """Window starts, and each window's first scored target."""
-    if total <= seq_len:
-        return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, total - seq_len + 1, stride, dtype=np.int64)
+    starts = np.arange(0, max(total - seq_len, 0) + 1, stride, dtype=np.int64)
     if starts[-1] + seq_len < total:
         starts = np.append(starts, total - seq_len)
     return starts, np.concatenate(([0], starts[:-1] + seq_len))
@@ -1040,14 +1033,14 @@ def window_plan(total, seq_len, stride):
 
 @torch.no_grad()
 def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
-    offsets, ar = torch.arange(seq_len + 1), torch.arange(seq_len)
+    offsets = torch.arange(seq_len + 1)
     batch = max(1, ev.args.val_batch_size // (ev.world_size * seq_len))
     for b in range(0, len(starts), batch):
         s, f = torch.from_numpy(starts[b:b + batch]), torch.from_numpy(score_from[b:b + batch])
         pad = batch - len(s)  # last window again, unscored: one shape, one graph
         s, f = torch.cat((s, s[-1:].expand(pad))), torch.cat((f, (s[-1:] + seq_len).expand(pad)))
         win = tokens[s[:, None] + offsets].to(ev.device, non_blocking=True)
-        pos = (s[:, None] + ar).to(ev.device)
+        pos = (s[:, None] + offsets[:-1]).to(ev.device)
         keep = pos >= f.to(ev.device)[:, None]
         with autocast_ctx(ev.device):
             logits = ev.model(win[:, :-1])
@@ -1055,70 +1048,67 @@ def score_windows(ev, tokens, starts, score_from, seq_len, sheet):
 
 
 def eval_windows(ev, tokens, sheet, stride):
-    total = tokens.numel() - 1
-    seq_len = min(ev.args.eval_seq_len, total)
-    starts, score_from = window_plan(total, seq_len, stride)
-    mine = ev.share(len(starts))
-    score_windows(ev, tokens, starts[mine], score_from[mine], seq_len, sheet)
+    seq_len = min(ev.args.eval_seq_len, tokens.numel() - 1)
+    starts, score_from = window_plan(tokens.numel() - 1, seq_len, stride)
+    score_windows(ev, tokens, ev.share(starts), ev.share(score_from), seq_len, sheet)
 
 
 class Budget:
     """TTT_MAX_SECONDS, scoring included: adaptation stops in time to score the rest."""
 
     def __init__(self, seconds):
-        self.seconds, self.t0, self.score_s = seconds, time.perf_counter(), 0.0
+        self.seconds, self.t0, self.score_s, self.step_s, self.skipped = seconds, time.perf_counter(), 0.0, 0.0, 0
 
-    def adapt_ok(self, frac_scored, step_s):
-        if self.seconds <= 0:
-            return True
+    def adapt_ok(self, frac_scored):
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
-        return time.perf_counter() - self.t0 + 1.2 * rest + step_s < self.seconds
+        return self.seconds <= 0 or time.perf_counter() - self.t0 + 1.2 * rest + self.step_s < self.seconds
+
+    def report(self, ev, mode, what):
+        if self.skipped:
+            ev.log(f"{mode}:budget TTT_MAX_SECONDS={self.seconds:.0f} reached on rank {ev.rank}: {self.skipped} {what} "
+                   "not adapted to")
 
 
 def eval_ttt(ev, tokens, sheet):
     """Score-first chunked TTT: each chunk scored, then trained on."""
     args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
-    total = tokens.numel() - 1
-    seq_len, C = min(args.eval_seq_len, total), args.ttt_chunk_tokens
+    total, C = tokens.numel() - 1, args.ttt_chunk_tokens
+    seq_len = min(args.eval_seq_len, total)
     starts, score_from = window_plan(total, seq_len, args.eval_stride)
     n_chunks, chunk_of = -(-total // C), score_from // C
-    frozen = {id(p) for blk in model.blocks[:args.ttt_freeze_blocks] for p in blk.parameters()}
-    params = [p for p in model.parameters() if id(p) not in frozen]
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    model.requires_grad_(True)
+    for blk in model.blocks[:args.ttt_freeze_blocks]:
+        blk.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if args.ttt_optimizer == "sgd"
            else torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0))
-    budget, adapting, step_s, stopped_at = Budget(args.ttt_max_seconds), True, 0.0, None
+    budget, B = Budget(args.ttt_max_seconds), args.ttt_batch_seqs * world_size
     for c in range(n_chunks):
         t = time.perf_counter()
-        sel = np.flatnonzero(chunk_of == c)[ev.share(int((chunk_of == c).sum()))]
+        sel = ev.share(np.flatnonzero(chunk_of == c))
         score_windows(ev, tokens, starts[sel], score_from[sel], seq_len, sheet)
         budget.score_s += time.perf_counter() - t
         if c == n_chunks - 1:
             break
-        ok = torch.tensor(float(adapting and budget.adapt_ok((c + 1) / n_chunks, step_s)), device=device)
+        ok = torch.tensor(float(not budget.skipped and budget.adapt_ok((c + 1) / n_chunks)), device=device)
         if world_size > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks stop at the same chunk
-        if not ok.item():
-            adapting, stopped_at = False, stopped_at if stopped_at is not None else c
+        if not ok.item():  # and never again
+            budget.skipped += 1
             continue
-        t = time.perf_counter()
-        lo, hi = c * C, (c + 1) * C  # all targets before hi: scored already
+        t, hi = time.perf_counter(), (c + 1) * C  # all targets before hi: scored already
         n_tok = min(seq_len, hi)
-        seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
+        seq_starts = np.unique(np.append(np.arange(c * C, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
             g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        mine = seq_starts[ev.rank::world_size]
-        steps = -(-len(seq_starts) // (world_size * args.ttt_batch_seqs))
         for _ in range(args.ttt_epochs):
-            for i in range(steps):
-                s = torch.from_numpy(mine[i * args.ttt_batch_seqs:(i + 1) * args.ttt_batch_seqs])
-                n_global = min(args.ttt_batch_seqs * world_size, len(seq_starts) - i * args.ttt_batch_seqs * world_size)
+            for i in range(0, len(seq_starts), B):  # B sequences a step, dealt out to the ranks
+                s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
                 opt.zero_grad(set_to_none=False)
                 if len(s):
                     win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
                     with autocast_ctx(device):
-                        loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (n_global * n_tok)
+                        loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (min(B, len(seq_starts) - i) * n_tok)
                     loss.backward()
                 for p in params:
                     if p.grad is None:
@@ -1128,20 +1118,14 @@ def eval_ttt(ev, tokens, sheet):
                 if args.ttt_grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
                 opt.step()
-        step_s = time.perf_counter() - t
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if stopped_at is not None:
-        ev.log(f"ttt:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached: adaptation stopped after chunk "
-               f"{stopped_at}/{n_chunks}")
+        budget.step_s = time.perf_counter() - t
+    budget.report(ev, "ttt", f"of {n_chunks - 1} chunks")
 
 
 def doc_spans(tokens):
     """Documents as target ranges [start, end): a BOS to the next."""
-    total, starts = tokens.numel() - 1, np.flatnonzero(tokens[:-1].numpy() == BOS_ID)
-    if not len(starts) or starts[0] != 0:
-        starts = np.concatenate(([0], starts))
-    return starts, np.append(starts[1:], total)
+    starts = np.union1d(0, np.flatnonzero(tokens[:-1].numpy() == BOS_ID))  # and one at 0
+    return starts, np.append(starts[1:], tokens.numel() - 1)
 
 
 class DocLoRA(nn.Module):
@@ -1173,12 +1157,9 @@ def eval_lora(ev, tokens, sheet):
     starts, ends = doc_spans(tokens)
     lens = ends - starts
     mine = np.argsort(-lens, kind="stable")[ev.rank::ev.world_size]
-    C, L, total = args.ttt_lora_chunk, args.ttt_lora_seq_len, tokens.numel() - 1
-    budget, step_s, skipped = Budget(args.ttt_max_seconds), 0.0, 0
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    my_tokens, scored_tokens = max(int(lens[mine].sum()), 1), 0
+    C, L = args.ttt_lora_chunk, args.ttt_lora_seq_len
+    budget, scored_tokens, my_tokens = Budget(args.ttt_max_seconds), 0, max(int(lens[mine].sum()), 1)
+    model.requires_grad_(False)
     for b in range(0, len(mine), args.ttt_lora_batch):
         docs = mine[b:b + args.ttt_lora_batch]
         s0, n = torch.from_numpy(starts[docs]), torch.from_numpy(lens[docs])
@@ -1189,14 +1170,12 @@ def eval_lora(ev, tokens, sheet):
             t = time.perf_counter()
             q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # doc-relative targets [q0, qe)
             w0 = torch.clamp(qe - L, min=0)
-            T = int((qe - w0).max())
-            q = w0[:, None] + torch.arange(T)  # doc-relative input positions
-            valid = q < qe[:, None]
-            pos = (s0[:, None] + torch.minimum(q, qe[:, None] - 1)).clamp(0, total - 1)
+            q = w0[:, None] + torch.arange(int((qe - w0).max()))  # doc-relative input positions
+            pos = s0[:, None] + torch.minimum(q, qe[:, None] - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
-            scored = (valid & (q >= q0)).to(device)
+            scored = ((q < qe[:, None]) & (q >= q0)).to(device)
             train = n > (i + 1) * C  # documents with chunks left to score
-            learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens, step_s)
+            learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
             sheet.record(pos.to(device)[scored], logits[scored].detach(), y[scored])
@@ -1210,16 +1189,12 @@ def eval_lora(ev, tokens, sheet):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                step_s = time.perf_counter() - t
-            elif train.any():
-                skipped += int(train.sum())
+                budget.step_s = time.perf_counter() - t
+            else:
+                budget.skipped += int(train.sum())
         for h in hooks:
             h.remove()
-    for p in frozen:
-        p.requires_grad_(True)
-    if skipped:
-        ev.log(f"lora:budget TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} reached on rank {ev.rank}: "
-               f"{skipped} document chunks not adapted to")
+    budget.report(ev, "lora", "document chunks")
 
 
 class NgramMixer:
@@ -1227,8 +1202,8 @@ class NgramMixer:
     with the network by weights per entropy bin (online EM, not Hedge: records/BENCHMARKS.md)."""
 
     def __init__(self, args, device):
-        V, self.V, self.order, self.device = args.vocab_size, args.vocab_size, args.ngram_order, device
-        self.rows = [1] + [min(args.ngram_buckets, (V + 1) ** (k - 1)) for k in range(2, self.order + 1)]
+        V, self.V, self.order = args.vocab_size, args.vocab_size, args.ngram_order
+        self.rows = [min(args.ngram_buckets, (V + 1) ** k) for k in range(self.order)]
         self.counts = [torch.zeros(r, V, dtype=torch.int32, device=device) for r in self.rows]
         self.totals = [torch.zeros(r, dtype=torch.float64, device=device) for r in self.rows]
         self.prior, self.eta, self.bins = args.ngram_prior, args.ngram_eta, args.ngram_entropy_bins
@@ -1240,11 +1215,11 @@ class NgramMixer:
         """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
-        last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:] if back >= 0 else None
+        last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:]
         keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
         for j in range(self.order - 1):  # context token x[t - j], a pad if a BOS follows it
-            tok = x_ext[back - j:back - j + n]
-            code = code * (V + 1) + torch.where(last_bos <= idx[back - j:back - j + n], tok, V)
+            at = slice(back - j, back - j + n)
+            code = code * (V + 1) + torch.where(last_bos <= idx[at], x_ext[at], V)
             rows = self.rows[j + 1]
             keys.append(code if (V + 1) ** (j + 1) <= rows else torch.remainder(code * 2654435761, rows))
         return keys
@@ -1285,10 +1260,10 @@ class NgramMixer:
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
             self.norm_err = max(self.norm_err, (mass - 1).abs().max().item())
             self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
-            at_y = rows.gather(2, y[None, :, None].expand(len(rows), T, 1)).squeeze(2)  # (order, T)
+            at_y = rows[:, torch.arange(T, device=y.device), y]  # (order, T)
             self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
         share_y = w * p_y / mix[:, None]  # online EM: to each expert's share of p(target)
-        n = torch.zeros(self.bins, device=y.device).index_add_(0, b, torch.ones_like(mix))
+        n = torch.bincount(b, minlength=self.bins)
         self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
         self.count(keys, y)
         return -torch.log(mix)
@@ -1296,47 +1271,41 @@ class NgramMixer:
 
 def ngram_mix(ev, sheet, tokens):
     """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh per rank."""
-    args, device, audit = ev.args, ev.device, sheet.fp is not None
-    t0, total, back = time.perf_counter(), sheet.nats.numel(), max(args.ngram_order - 2, 0)
-    x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(device)
-    y = tokens[1:].to(device)
-    mixer, seg = NgramMixer(args, device), ev.share(total)
-    out = torch.zeros_like(sheet.nats)
-    fp, row_nats = (torch.zeros_like(sheet.fp), torch.zeros_like(sheet.nats)) if audit else (None, None)
-    for p0 in range(0, seg.start, 1 << 20):
+    args, t0, audit = ev.args, time.perf_counter(), sheet.fp is not None
+    back = max(args.ngram_order - 2, 0)
+    x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(ev.device)
+    y = tokens[1:].to(ev.device)
+    mixer, seg, net_fp, net_row_nats = NgramMixer(args, ev.device), ev.share(range(len(y))), sheet.fp, sheet.row_nats
+    sheet.nats = torch.zeros_like(sheet.nats)  # each rank fills its share: reduce() sums
+    if audit:
+        sheet.fp, sheet.row_nats = torch.zeros_like(net_fp), torch.zeros_like(net_row_nats)
+    for p0 in range(0, seg.start, 1 << 20):  # the earlier ranks' targets, counted
         p1 = min(p0 + (1 << 20), seg.start)
         mixer.count(mixer.keys(x[p0:p1 + back]), y[p0:p1])
     for p0 in range(seg.start, seg.stop, args.ngram_chunk):
         c = slice(p0, min(p0 + args.ngram_chunk, seg.stop))
-        out[c] = mixer.step(mixer.keys(x[c.start:c.stop + back]), y[c], sheet.nats[c], sheet.ent[c],
-                            (sheet.fp[c], sheet.row_nats[c]) if audit else None)
+        sheet.nats[c] = mixer.step(mixer.keys(x[c.start:c.stop + back]), y[c], sheet.net_nats[c], sheet.ent[c],
+                                   (net_fp[c], net_row_nats[c]) if audit else None)
         if audit:
-            fp[c], row_nats[c] = mixer.fingerprint, mixer.row_nats
-    norm_err = torch.tensor(mixer.norm_err, device=device)
-    if ev.world_size > 1:
-        for t in (out, fp, row_nats):
-            if t is not None:
-                dist.all_reduce(t)
-        dist.all_reduce(norm_err, op=dist.ReduceOp.MAX)
-    sheet.net_nats, sheet.nats = sheet.nats, out
-    if audit:
-        sheet.fp, sheet.row_nats = fp, row_nats
-    sheet.norm_err = torch.maximum(sheet.norm_err, norm_err.to(sheet.norm_err.dtype))
+            sheet.fp[c], sheet.row_nats[c] = mixer.fingerprint, mixer.row_nats
+    sheet.norm_err = torch.maximum(sheet.norm_err, torch.tensor(mixer.norm_err, device=ev.device))
+    sheet.reduce(("nats", "fp", "row_nats"))
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
 def run_eval_mode(ev, mode, tokens, audit=False):
     """Score `tokens` with a FINAL_EVAL mode; the weights are left as they were."""
     net, _, mix = mode.partition("+")
-    sheet = ScoreSheet(tokens.numel() - 1, ev.device, audit)
+    sheet, model = ScoreSheet(tokens.numel() - 1, ev.device, audit), ev.base_model
     if net == "ttt":
-        snapshot = {k: v.detach().clone() for k, v in ev.base_model.state_dict().items()}
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         eval_ttt(ev, tokens, sheet)
-        ev.base_model.load_state_dict(snapshot)
+        model.load_state_dict(snapshot)
     elif net == "lora":
         eval_lora(ev, tokens, sheet)
     else:
         eval_windows(ev, tokens, sheet, ev.args.eval_seq_len if net == "roundtrip" else ev.args.eval_stride)
+    model.requires_grad_(True)  # TTT froze some weights, LoRA all
     sheet.reduce()
     if mix:
         ngram_mix(ev, sheet, tokens)
@@ -1353,18 +1322,6 @@ def random_documents(min_tokens, min_docs, args, g):
     return tokens
 
 
-@contextmanager
-def overridden(args, **values):
-    saved = {k: getattr(args, k) for k in values}
-    for k, v in values.items():
-        setattr(args, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(args, k, v)
-
-
 def gap(a, b):
     """Largest |a - b|; inf for a NaN or an inf (every check fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
@@ -1374,18 +1331,22 @@ def gap(a, b):
 def audit_eval_mode(mode, run, args, log, world_size=1):
     """The causality audit (README) of run: tokens -> audit ScoreSheet."""
     def scored(tokens, **settings):  # no time budget: scores would depend on the clock
-        with overridden(args, ttt_max_seconds=0.0, **settings):
+        saved = {k: getattr(args, k) for k in ("ttt_max_seconds", *settings)}
+        vars(args).update(settings, ttt_max_seconds=0.0)
+        try:
             return run(tokens)
+        finally:
+            vars(args).update(saved)
 
     t0, net = time.perf_counter(), mode.partition("+")[0]
     g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
-    n = tokens.numel() - 1
+    n, docs = tokens.numel() - 1, int((tokens == BOS_ID).sum())
     t = n // 2
     future = torch.cat((tokens[:t + 1], random_documents(n, 0, args, g)[t + 1:n + 1]))
-    a, again, b = scored(tokens), scored(tokens), scored(future)
-    for s in (a, again, b):
+    a, again, b = sheets = scored(tokens), scored(tokens), scored(future)
+    for s in sheets:
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol, batch_noise = 4 * noise + 1e-6, 0.0
@@ -1394,36 +1355,33 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
     # Neither the losses before t nor the distribution scored at t may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
-    mismatch = max(gap(s.nats, s.row_nats) for s in (a, again, b))
-    norm, problems = max(s.norm_err.item() for s in (a, again, b)), []
-    if not all(torch.isfinite(s.nats).all() and torch.isfinite(s.fp).all() for s in (a, again, b)):
-        problems.append("a loss or a scored distribution is not finite")
-    if not noise <= AUDIT_MAX_NOISE:
-        problems.append(f"the mode is not repeatable: scoring the same tokens twice moved a loss by {noise:.2e} "
-                        f"nats (> {AUDIT_MAX_NOISE}): state kept between runs, or nondeterministic kernels")
-    if not leak <= 4 * max(noise, batch_noise) + 1e-6:
-        problems.append(f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed")
-    if not mismatch <= tol:
-        problems.append(f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target")
-    if not norm <= 1e-3:
-        problems.append(f"a scored distribution sums to exp({norm:.2e}) != 1")
+    mismatch = max(gap(s.nats, s.row_nats) for s in sheets)
+    norm = max(s.norm_err.item() for s in sheets)
+    problems = [msg for ok, msg in (
+        (all(torch.isfinite(s.nats).all() and torch.isfinite(s.fp).all() for s in sheets),
+         "a loss or a scored distribution is not finite"),
+        (noise <= AUDIT_MAX_NOISE, f"not repeatable: the same tokens scored twice differ by {noise:.2e} nats "
+                                   f"(> {AUDIT_MAX_NOISE}): state kept between runs, or nondeterministic kernels"),
+        (leak <= 4 * max(noise, batch_noise) + 1e-6,
+         f"the scores up to target {t} moved by {leak:.2e} when only later tokens changed"),
+        (mismatch <= tol, f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target"),
+        (norm <= 1e-3, f"a scored distribution sums to exp({norm:.2e}) != 1")) if not ok]
     isolation = "n/a"
     if isolated:
-        starts, _ = doc_spans(tokens)
         doc_of = torch.cumsum(tokens == BOS_ID, 0) - 1  # tokens[0] is a BOS
-        redrawn = torch.rand(len(starts), generator=g) < 0.5
+        redrawn = torch.rand(docs, generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
         c = scored(torch.where(changed, torch.randint(2, args.vocab_size, tokens.shape, generator=g), tokens))
         kept = ~redrawn[doc_of[:-1]]  # targets in documents kept
-        cross = gap(a.network_nats[kept], c.network_nats[kept])
+        cross = gap(a.net_nats[kept], c.net_nats[kept])
         isolation = f"{cross:.1e}"
         if not cross <= tol:
             problems.append(f"network losses moved by {cross:.2e} nats in documents left as they were "
-                            f"({int(redrawn.sum())} of {len(starts)} redrawn)")
+                            f"({int(redrawn.sum())} of {docs} redrawn)")
     if problems:
         raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit: " + "; ".join(problems))
-    log(f"eval_audit:{mode} ok tokens:{n} docs:{int((tokens == BOS_ID).sum())} causal_diff:{leak:.1e} "
-        f"noise:{noise:.1e} batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
+    log(f"eval_audit:{mode} ok tokens:{n} docs:{docs} causal_diff:{leak:.1e} noise:{noise:.1e} "
+        f"batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
         f"time:{time.perf_counter() - t0:.1f}s")
 
 
