@@ -1638,7 +1638,7 @@ def prune_quantized(qstate, frac):
         return qstate
     out = dict(qstate)
     for name, e in qstate.items():
-        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:
+        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # (AWQ's finer columns look larger: pruned last)
             mag = e["q"].abs().float() * e["scale"].float()[:, None]
             out[name] = dict(e, q=torch.where(mag <= mag.flatten().kthvalue(k).values, 0, e["q"]).to(torch.int8))
     return out
@@ -1699,7 +1699,7 @@ def check_grid(name, q, scale, bits, rows, cols=None):
     if q.dtype != torch.int8 or q.ndim != 2 or len(q) != rows or cols not in (None, q.shape[1]) \
             or scale.dtype != torch.float16 or scale.shape != (rows,):
         raise DataError(f"artifact tensor {name}: int8 q ({rows}, {cols or 'cols'}) and fp16 scale ({rows},) expected")
-    if q.numel() and int(q.abs().max()) > 2 ** (bits - 1) - 1:
+    if q.numel() and int(q.int().abs().max()) > 2 ** (bits - 1) - 1:  # int8: abs(-128) is -128
         raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
 
 
