@@ -1960,11 +1960,7 @@ class WeightAverager:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
         if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
             src = self.ema if (self.ema is not None and self.args.swa_from_ema) else {k: v.float() for k, v in state.items()}
-            if self.swa is None:
-                self.swa = {k: v.clone() for k, v in src.items()}
-            else:
-                for k, v in src.items():
-                    self.swa[k].add_(v)
+            self.swa = {k: v.clone() if self.swa is None else self.swa[k].add_(v) for k, v in src.items()}
             self.swa_count += 1
 
     def final(self):
@@ -2002,13 +1998,10 @@ class HostCopy:
     """A tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
-        self.event = None
-        if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event() if t.is_cuda else None
+        if self.event:
             self.event.record()
-        else:
-            self.host = t.clone()
 
     def get(self):
         if self.event is not None:
@@ -2020,13 +2013,14 @@ class Trainer:
     """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used), so a
     resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
-    def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
-        self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
-        self.device, self.rank, self.world_size, self.grad_accum_steps, self.log = device, rank, world_size, grad_accum_steps, log
-        self.local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
-        self.optimizers, self.muon = build_optimizers(base_model, args, fused=device.type == "cuda")
-        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
-        self.averager = WeightAverager(base_model, args)
+    def __init__(self, ev, model, qat_layers, grad_accum_steps):
+        args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
+        self.args, self.device, self.rank, self.world_size, self.log = args, ev.device, ev.rank, ev.world_size, ev.log
+        self.grad_accum_steps = grad_accum_steps
+        self.local_tokens = args.train_batch_tokens // (ev.world_size * grad_accum_steps)
+        self.optimizers, self.muon = build_optimizers(ev.base_model, args, fused=ev.device.type == "cuda")
+        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, ev.rank, ev.world_size, ev.device)
+        self.averager = WeightAverager(ev.base_model, args)
         self.step, self.train_ms, self.qat_on, self.signal = 0, 0.0, False, None
         reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
         self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
@@ -2319,7 +2313,7 @@ def main():
                 raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this configuration: {exc}") from None
             source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         else:
-            trainer = Trainer(args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log)
+            trainer = Trainer(ev, model, qat_layers, grad_accum_steps)
             trainer.warmup()
             if args.resume:
                 trainer.resume(args.resume)
