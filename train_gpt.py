@@ -1441,15 +1441,9 @@ def row_scales(w, bits, ratios, sigmas=0.0):
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
-    best_scale, best_err = None, None
-    for r in ratios:
-        scale = (amax * r / qmax).half().float().clamp_min(6e-8)
-        err = (round_to_grid(w, scale, qmax) * scale - w).square().sum(dim=1, keepdim=True)
-        if best_scale is None:
-            best_scale, best_err = scale, err
-        else:
-            best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
-    return best_scale
+    scales = torch.stack([(amax * r / qmax).half().float().clamp_min(6e-8) for r in ratios])
+    err = (round_to_grid(w, scales, qmax) * scales - w).square().sum(dim=2, keepdim=True)
+    return scales.gather(0, err.argmin(0, keepdim=True))[0]  # the first of equal errors
 
 
 def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
@@ -1552,9 +1546,7 @@ def quantize_state_dict(state, args, hessians=None):
         awq = (args.awq_group, args.awq_bits) if 0 < args.awq_group < t.size(1) else None
         e = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp,
                           args.gptq_act_order, sigmas, awq) if H is not None else None
-        if e is None:
-            q, scale = quantize_per_row(t.detach(), bits, ratios, sigmas)
-            e = dict(q=q, scale=scale)
+        e = e or dict(zip(("q", "scale"), quantize_per_row(t.detach(), bits, ratios, sigmas)))
         out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
     if args.lqer_rank:
         add_lqer(out, state, args, hessians)
@@ -1604,12 +1596,9 @@ def prune_quantized(qstate, frac):
         return qstate
     out = dict(qstate)
     for name, e in qstate.items():
-        if e["bits"]:
+        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # (AWQ's finer columns look larger: pruned last)
             mag = e["q"].abs().float() * e["scale"].float()[:, None]
-            k = int(frac * mag.numel())
-            if k > 0:
-                thr = mag.flatten().kthvalue(k).values
-                out[name] = dict(e, q=torch.where(mag <= thr, 0, e["q"]).to(torch.int8))
+            out[name] = dict(e, q=torch.where(mag <= mag.flatten().kthvalue(k).values, 0, e["q"]).to(torch.int8))
     return out
 
 
@@ -1668,7 +1657,7 @@ def check_grid(name, q, scale, bits, rows, cols=None):
     if q.dtype != torch.int8 or q.ndim != 2 or len(q) != rows or cols not in (None, q.shape[1]) \
             or scale.dtype != torch.float16 or scale.shape != (rows,):
         raise DataError(f"artifact tensor {name}: int8 q ({rows}, {cols or 'cols'}) and fp16 scale ({rows},) expected")
-    if q.numel() and int(q.abs().max()) > 2 ** (bits - 1) - 1:
+    if q.numel() and int(q.int().abs().max()) > 2 ** (bits - 1) - 1:  # int8: abs(-128) is -128
         raise DataError(f"artifact tensor {name}: a value outside the int{bits} range")
 
 
@@ -1757,8 +1746,7 @@ def compress_artifact(blob, compressor, level):
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
         raise ConfigError(f"COMPRESSOR={compressor} is not available (have: {', '.join(codecs)}, auto)")
-    bodies = [bytes([codecs[n][0]]) + codecs[n][1](blob, level) for n in names]
-    body = min(bodies, key=len)
+    body = min((bytes([codecs[n][0]]) + codecs[n][1](blob, level) for n in names), key=len)
     return ARTIFACT_MAGIC + body[:1] + struct.pack("<I", zlib.crc32(body)) + body[1:]
 
 
@@ -1800,27 +1788,24 @@ def build_artifact(qstate, args, code_bytes, log):
     """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits the cap."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
-        return compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level), pruned
-    data, state = make(args.prune_frac)
-    if len(data) + code_bytes <= args.artifact_cap:
-        log(f"fit_to_cap: headroom {args.artifact_cap - len(data) - code_bytes} bytes under ARTIFACT_CAP="
-            f"{args.artifact_cap} (records/size_planner.py spend: what it buys)")
-        return data, state
-    log(f"fit_to_cap: {len(data) + code_bytes} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac "
-        f"{args.prune_frac}: searching the least pruning")
+        data = compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level)
+        return data, pruned, len(data) + code_bytes
     lo, hi = args.prune_frac, args.fit_max_prune_frac
-    best = make(hi)
-    if len(best[0]) + code_bytes > args.artifact_cap:
-        raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {len(best[0]) + code_bytes} bytes")
+    data, state, total = make(lo)
+    if total <= args.artifact_cap:
+        log(f"fit_to_cap: headroom {args.artifact_cap - total} bytes under ARTIFACT_CAP={args.artifact_cap} "
+            "(records/size_planner.py spend: what it buys)")
+        return data, state
+    log(f"fit_to_cap: {total} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac {lo}: searching the least pruning")
+    if (best := make(hi))[2] > args.artifact_cap:
+        raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {best[2]} bytes")
     for _ in range(FIT_SEARCH_STEPS):
-        mid = (lo + hi) / 2
-        trial = make(mid)
-        if len(trial[0]) + code_bytes <= args.artifact_cap:
+        if (trial := make(mid := (lo + hi) / 2))[2] <= args.artifact_cap:
             hi, best = mid, trial
         else:
             lo = mid
-    log(f"fit_to_cap: pruned the smallest {hi:.4%} of quantized weights -> {len(best[0]) + code_bytes} bytes")
-    return best
+    log(f"fit_to_cap: pruned the smallest {hi:.4%} of quantized weights -> {best[2]} bytes")
+    return best[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -1933,11 +1918,7 @@ class WeightAverager:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
         if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
             src = self.ema if (self.ema is not None and self.args.swa_from_ema) else {k: v.float() for k, v in state.items()}
-            if self.swa is None:
-                self.swa = {k: v.clone() for k, v in src.items()}
-            else:
-                for k, v in src.items():
-                    self.swa[k].add_(v)
+            self.swa = {k: v.clone() if self.swa is None else self.swa[k].add_(v) for k, v in src.items()}
             self.swa_count += 1
 
     def final(self):
@@ -1975,13 +1956,10 @@ class HostCopy:
     """A tensor copied to the host behind the queued work: read a step later, it never waits."""
 
     def __init__(self, t):
-        self.event = None
-        if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event() if t.is_cuda else None
+        if self.event:
             self.event.record()
-        else:
-            self.host = t.clone()
 
     def get(self):
         if self.event is not None:
@@ -1993,13 +1971,14 @@ class Trainer:
     """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used), so a
     resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
 
-    def __init__(self, args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log):
-        self.args, self.base_model, self.model, self.qat_layers = args, base_model, model, qat_layers
-        self.device, self.rank, self.world_size, self.grad_accum_steps, self.log = device, rank, world_size, grad_accum_steps, log
-        self.local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
-        self.optimizers, self.muon = build_optimizers(base_model, args, fused=device.type == "cuda")
-        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
-        self.averager = WeightAverager(base_model, args)
+    def __init__(self, ev, model, qat_layers, grad_accum_steps):
+        args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
+        self.args, self.device, self.rank, self.world_size, self.log = args, ev.device, ev.rank, ev.world_size, ev.log
+        self.grad_accum_steps = grad_accum_steps
+        self.local_tokens = args.train_batch_tokens // (ev.world_size * grad_accum_steps)
+        self.optimizers, self.muon = build_optimizers(ev.base_model, args, fused=ev.device.type == "cuda")
+        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, ev.rank, ev.world_size, ev.device)
+        self.averager = WeightAverager(ev.base_model, args)
         self.step, self.train_ms, self.qat_on, self.signal = 0, 0.0, False, None
         reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
         self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
@@ -2170,36 +2149,35 @@ def load_tokenizer_tables(args, device, log):
     return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
 
 
-def export_and_score(args, base_model, calib_batches, evaluate, code, label, pre_quant_bpb, device, world_size, log):
-    master, distributed = not dist.is_initialized() or dist.get_rank() == 0, dist.is_initialized()
-    t, gptq = time.perf_counter(), args.quant_method == "gptq"
-    hessians = collect_hessians(base_model, calib_batches, args, device, world_size) if gptq else None
-    qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
+def export_and_score(ev, calib_batches, evaluate, code, label, pre_quant_bpb):
+    args, log, t = ev.args, ev.log, time.perf_counter()
+    gptq = args.quant_method == "gptq"
+    hessians = collect_hessians(ev.base_model, calib_batches, args, ev.device, ev.world_size) if gptq else None
+    qstate = quantize_state_dict(ev.base_model.state_dict(), args, hessians)
     quant_s = time.perf_counter() - t
-    over = hessians is not None and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
+    over = gptq and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
     log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
         + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else "")
         + "".join(f" lqer:{n}" for n, e in qstate.items() if "lqer" in e))
-    code_bytes, artifact = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz"
+    code_bytes, artifact, name = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz", label.replace("_", "+")
     try:
         data, final_state = build_artifact(qstate, args, code_bytes, log)
     except ArtifactOverCap as exc:
         log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}: lower ATTN_BITS/MLP_BITS/"
             "EMBED_BITS and re-quantize with QUANT_ONLY=final_model.pt")
         raise SystemExit(3)
-    if master:
+    if ev.rank == 0:
         Path(artifact).write_bytes(data)
-    log(f"Serialized model {label.replace('_', '+')}: {len(data)} bytes")
+    log(f"Serialized model {name}: {len(data)} bytes")
     log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size {label.replace('_', '+')}: {len(data) + code_bytes} bytes")
+    log(f"Total submission size {name}: {len(data) + code_bytes} bytes")
     if final_state is not qstate:  # pruned: measure what it cost
-        base_model.load_state_dict(dequantize_state_dict(qstate))
-        _, unpruned_bpb = evaluate("roundtrip")
-        log(f"fit_to_cap: round-trip val_bpb before pruning {unpruned_bpb:.4f}")
-    if distributed:
+        ev.base_model.load_state_dict(dequantize_state_dict(qstate))
+        log(f"fit_to_cap: round-trip val_bpb before pruning {evaluate('roundtrip')[1]:.4f}")
+    if dist.is_initialized():
         dist.barrier()
-    load_artifact(artifact, base_model)
-    final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size)
+    load_artifact(artifact, ev.base_model)
+    final_evaluation(ev, label, evaluate, pre_quant_bpb)
 
 
 def main():
@@ -2284,7 +2262,7 @@ def main():
     if args.eval_only:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
-        final_evaluation(label, evaluate, log, args, None, world_size)
+        final_evaluation(ev, label, evaluate, None)
     else:
         if args.quant_only:
             try:
@@ -2293,7 +2271,7 @@ def main():
                 raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this configuration: {exc}") from None
             source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         else:
-            trainer = Trainer(args, base_model, model, qat_layers, device, rank, world_size, grad_accum_steps, log)
+            trainer = Trainer(ev, model, qat_layers, grad_accum_steps)
             trainer.warmup()
             if args.resume:
                 trainer.resume(args.resume)
@@ -2316,17 +2294,17 @@ def main():
             log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
         local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
         calib = (loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
-        export_and_score(args, base_model, calib, evaluate, code, label, val_bpb, device, world_size, log)
+        export_and_score(ev, calib, evaluate, code, label, val_bpb)
     if distributed:  # together: an early gloo teardown aborts slower ranks
         dist.barrier()
         dist.destroy_process_group()
 
 
-def final_evaluation(label, evaluate, log, args, pre_quant_bpb, world_size=1):
+def final_evaluation(ev, label, evaluate, pre_quant_bpb):
     """Every FINAL_EVAL mode, audited first; the greppable final lines."""
-    t0, modes = time.perf_counter(), final_modes(args)
+    args, log, t0, modes = ev.args, ev.log, time.perf_counter(), final_modes(ev.args)
     for mode in modes:
-        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, world_size)
+        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, ev.world_size)
     for mode in modes:
         t = time.perf_counter()
         loss, bpb = evaluate(mode)

@@ -401,7 +401,8 @@ def test_final_evaluation_refuses_a_mode_that_fails_its_audit(monkeypatch):
         return sheet
 
     with pytest.raises(tg.EvalError, match="mode ttt fails the causality audit"):
-        tg.final_evaluation("int6_zstd", evaluate, lambda m, console=True: lines.append(m), args, None)
+        ev = tg.Evaluation(args, None, None, torch.device("cpu"), log=lambda m, console=True: lines.append(m))
+        tg.final_evaluation(ev, "int6_zstd", evaluate, None)
     assert any(x.startswith("eval_audit:roundtrip ok") for x in lines)
     assert not any(x.startswith("final_") for x in lines)  # nothing scored, not even the modes that passed
 
