@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -3,7 +3,7 @@ compare compressed bytes and round-trip val_bpb, in one process (one pre-quant e
 
     [model-shape env vars as in training] python3 records/bench_quant.py final_model.pt [VAL_TOKENS [FILTER]]
 
-FILTER (a substring of the row names, default all) picks rows: "gptq" gives the issue-15 grid, "rtn" the
+FILTER (a substring of the row names, default all) picks rows: "gptq int" gives the issue-15 grid, "rtn" the
 round-to-nearest rows of issue 3, "int5" one bit width of both. Hessians for GPTQ come once from the
 training shards (DATA_PATH), as in train_gpt.py; each row is scored after a true round trip through its
 compressed bytes. Validation is the first VAL_TOKENS tokens (default 100,000) of the val split, scored with
@@ -48,7 +48,7 @@ VARIANTS = {  # name: Hyperparameters attributes that differ from the defaults (
     # int4 stresses the rounding method where int6 on a briefly trained model cannot tell them apart.
     "rtn int4 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=GRIDS["int4"][0]),
     "rtn int4 + clip search": dict(quant_method="rtn", quant_overrides=GRIDS["int4"][0]),
-    "prune 5% of gptq int6": dict(quant_method="gptq", quant_overrides=GRIDS["int6"][0], prune_frac=0.05),
+    "int6 gptq, PRUNE_FRAC=0.05": dict(quant_method="gptq", quant_overrides=GRIDS["int6"][0], prune_frac=0.05),
 }
 for grid, (overrides, ab, mb) in GRIDS.items():
     rows = {"": {}, " + SDClip (k scaled)": sdclip(ab, mb, True), " + SDClip (k kept)": sdclip(ab, mb, False),
@@ -73,6 +73,7 @@ def relative_errors(state, restored, hessians):
 
 def main():
     args = tg.Hyperparameters()
+    args.val_batch_size = min(args.val_batch_size, 64 * args.eval_seq_len)  # a padded batch is scored in full
     checkpoint, val_tokens_n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
     only = sys.argv[3] if len(sys.argv) > 3 else ""  # run only the variants whose name contains this
     device = torch.device("cpu")
