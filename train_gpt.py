@@ -1,7 +1,5 @@
-"""
-Parameter Golf trainer, configured by env vars (README): trains a GPT with Muon + Adam, averages it, exports it as
-int6 per-row + zstd-22, reloads the artifact and scores it in bits per byte on the validation split.
-"""
+"""Parameter Golf trainer, configured by env vars (README): trains a GPT with Muon + Adam, averages it, exports it
+as int6 per-row + zstd-22, reloads the artifact and scores it in bits per byte on the validation split."""
 from __future__ import annotations
 
 import copy
@@ -39,6 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 KNOWN_ENV = {}  # name -> default
 SETTINGS = {}  # name -> value
 ENV_ERRORS = []  # unparsable values
+RANGES = {}  # name -> env()'s `must`, checked first: the later checks divide by some of these
+IN_RANGE = {">= 1": lambda v: not v < 1, ">= 0": lambda v: not v < 0, "> 0": lambda v: v > 0,
+            "in [0, 1)": lambda v: 0 <= v < 1}
 
 
 class ConfigError(ValueError):
@@ -49,16 +50,15 @@ class DataError(ValueError):
     """A missing, corrupt or mismatched shard, tokenizer or artifact."""
 
 
-def env(name, default):
-    """Setting `name`: the env var as the type of `default` (the PRESET's, if set)."""
+def env(name, default, must=None):
+    """Setting `name`: the env var as the type of `default` (the PRESET's, if set); `must`: a key of IN_RANGE."""
     default = KNOWN_ENV[name] = SETTINGS[name] = PRESETS.get(PRESET, {}).get(name, default)
-    raw = os.environ.get(name)
-    if raw is not None:
+    if must:
+        RANGES[name] = must
+    if (raw := os.environ.get(name)) is not None:
         try:
-            if isinstance(default, bool):
-                SETTINGS[name] = {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()]
-            else:
-                SETTINGS[name] = type(default)(raw)
+            SETTINGS[name] = (type(default)(raw) if not isinstance(default, bool)
+                              else {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()])
         except (KeyError, ValueError):
             ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
     return SETTINGS[name]
@@ -85,13 +85,13 @@ PRESETS["naive_baseline"] = dict(
     MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=S(500, 10), WARMDOWN_ITERS=S(1200, 15), MUON_WD=0.0,
     ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, QUANT_METHOD="rtn", ATTN_BITS=8,
     MLP_BITS=8, QUANT_CLIP_RATIOS="1.0", FINAL_EVAL="roundtrip",
-    **({} if SMOKE else dict(NUM_LAYERS=9, ROPE_DIMS=64, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288)))
+    **S(dict(NUM_LAYERS=9, ROPE_DIMS=64, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288), {}))
 PRESETS["top"] = dict(
     MLP_MULT=4.0, QK_GAIN_INIT=5.25, MUON_MOMENTUM=0.97, MUON_ROW_NORM=True, MUON_WD=0.095, MIN_LR=0.1,
     EMA_HALF_LIFE_FRAC=0.04, LOOP_LAYERS=S("3-5", "1-1"), LOOP_REPEATS=2, LOOP_START_FRAC=0.35,
     PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_CLIP_SIGMAS=20.0, EMBED_GPTQ=True,
-    **({} if SMOKE else dict(VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
-                              TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")))
+    **S(dict(VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
+             TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"), {}))
 
 
 # env("NAME", default) sets attribute name.lower().
@@ -105,65 +105,65 @@ class Hyperparameters:
     env("SEED", 1337)
 
     # Schedule.
-    env("ITERATIONS", S(20000, 40))
-    env("WARMUP_STEPS", S(20, 2))  # compile priming, undone
-    env("WARMDOWN_ITERS", S(3500, 15))
-    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0))
-    env("TRAIN_BATCH_TOKENS", S(786_432, 4096))
-    env("GRAD_ACCUM_STEPS", 0)  # 0: 8 // WORLD_SIZE, as officially
-    train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128))
-    eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len)
-    env("EVAL_STRIDE", S(64, 32))
-    env("VAL_BATCH_SIZE", S(524_288, 16384))
-    env("VAL_LOSS_EVERY", S(4000, 20))
-    env("TRAIN_LOG_EVERY", S(200, 10))
+    env("ITERATIONS", S(20000, 40), must=">= 0")
+    env("WARMUP_STEPS", S(20, 2), must=">= 0")  # compile priming, undone
+    env("WARMDOWN_ITERS", S(3500, 15), must=">= 0")
+    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0), must=">= 0")
+    env("TRAIN_BATCH_TOKENS", S(786_432, 4096), must=">= 1")
+    env("GRAD_ACCUM_STEPS", 0, must=">= 0")  # 0: 8 // WORLD_SIZE, as officially
+    train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128), must=">= 1")
+    eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len, must=">= 1")
+    env("EVAL_STRIDE", S(64, 32), must=">= 1")
+    env("VAL_BATCH_SIZE", S(524_288, 16384), must=">= 1")
+    env("VAL_LOSS_EVERY", S(4000, 20), must=">= 0")
+    env("TRAIN_LOG_EVERY", S(200, 10), must=">= 1")
 
     # Model.
-    env("NUM_LAYERS", S(11, 3))
-    env("MODEL_DIM", S(512, 64))
-    env("NUM_HEADS", S(8, 4))
-    env("NUM_KV_HEADS", S(4, 2))
-    env("MLP_MULT", 3.0)
+    env("NUM_LAYERS", S(11, 3), must=">= 1")
+    env("MODEL_DIM", S(512, 64), must=">= 1")
+    env("NUM_HEADS", S(8, 4), must=">= 1")
+    env("NUM_KV_HEADS", S(4, 2), must=">= 1")
+    env("MLP_MULT", 3.0, must="> 0")
     env("LEAKY_RELU_SLOPE", 0.5)
     env("TIE_EMBEDDINGS", True)
-    env("TIED_EMBED_INIT_STD", 0.005)
-    env("ROPE_BASE", 10000.0)
+    env("TIED_EMBED_INIT_STD", 0.005, must="> 0")
+    env("ROPE_BASE", 10000.0, must="> 0")
     env("ROPE_DIMS", S(16, 8))
-    env("LOGIT_SOFTCAP", 30.0)
+    env("LOGIT_SOFTCAP", 30.0, must="> 0")
     env("QK_GAIN_INIT", 1.5)
     env("LN_SCALE", True)
-    env("XSA_LAST_N", 11)
+    env("XSA_LAST_N", 11, must=">= 0")
     env("BIGRAM_VOCAB_SIZE", S(2048, 256))
-    env("BIGRAM_DIM", S(128, 32))
+    env("BIGRAM_DIM", S(128, 32), must=">= 1")
     env("SMEAR_ENABLED", True)
     env("UNET_SKIPS", True)
     env("VE_ENABLED", True)
-    env("VE_DIM", S(128, 32))
+    env("VE_DIM", S(128, 32), must=">= 1")
     env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
-    env("MATRIX_LR", 0.025)
-    env("SCALAR_LR", 0.025)
-    env("TIED_EMBED_LR", 0.035)
-    env("EMBED_LR", 0.6)
-    env("HEAD_LR", 0.008)
-    env("MUON_MOMENTUM", 0.99)
-    env("MUON_MOMENTUM_WARMUP_START", 0.92)
-    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10))
-    env("MUON_BACKEND_STEPS", 5)
+    env("MATRIX_LR", 0.025, must=">= 0")
+    env("SCALAR_LR", 0.025, must=">= 0")
+    env("TIED_EMBED_LR", 0.035, must=">= 0")
+    env("EMBED_LR", 0.6, must=">= 0")
+    env("HEAD_LR", 0.008, must=">= 0")
+    env("MUON_MOMENTUM", 0.99, must="in [0, 1)")
+    env("MUON_MOMENTUM_WARMUP_START", 0.92, must="in [0, 1)")
+    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10), must=">= 0")
+    env("MUON_BACKEND_STEPS", 5, must=">= 1")
     env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
-    env("MUON_WD", 0.04)
-    env("ADAM_WD", 0.04)
-    env("BETA1", 0.9)
-    env("BETA2", 0.95)
-    env("ADAM_EPS", 1e-8)
-    env("GRAD_CLIP_NORM", 0.3)
+    env("MUON_WD", 0.04, must=">= 0")
+    env("ADAM_WD", 0.04, must=">= 0")
+    env("BETA1", 0.9, must="in [0, 1)")
+    env("BETA2", 0.95, must="in [0, 1)")
+    env("ADAM_EPS", 1e-8, must="> 0")
+    env("GRAD_CLIP_NORM", 0.3, must=">= 0")
 
     # Weight averaging.
     env("EMA_ENABLED", True)
-    env("EMA_DECAY", S(0.997, 0.9))
+    env("EMA_DECAY", S(0.997, 0.9), must="in [0, 1)")
     env("SWA_ENABLED", False)
-    env("SWA_EVERY", S(50, 5))
+    env("SWA_EVERY", S(50, 5), must=">= 1")
     env("SWA_START_SCALE", 0.2)
     env("SWA_FROM_EMA", True)
 
@@ -175,16 +175,16 @@ class Hyperparameters:
     env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     env("QUANT_METHOD", "gptq")
     env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
-    env("GPTQ_BLOCK_SIZE", 128)
-    env("GPTQ_DAMP", 0.01)
+    env("GPTQ_BLOCK_SIZE", 128, must=">= 1")
+    env("GPTQ_DAMP", 0.01, must="> 0")
     env("GPTQ_ACT_ORDER", True)
-    env("GPTQ_CALIB_BATCHES", S(8, 4))
-    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0))
-    env("LATE_QAT_THRESHOLD", 0.15)
+    env("GPTQ_CALIB_BATCHES", S(8, 4), must=">= 1")
+    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0), must=">= 0")
+    env("LATE_QAT_THRESHOLD", 0.15, must=">= 0")
     env("PRUNE_FRAC", 0.0)
     env("COMPRESSOR", "zstd")
-    env("ZSTD_LEVEL", 22)
-    env("ARTIFACT_CAP", 16_000_000)
+    env("ZSTD_LEVEL", 22, must=">= 1")
+    env("ARTIFACT_CAP", 16_000_000, must=">= 1")
     env("FIT_MAX_PRUNE_FRAC", 0.5)
     env("EVAL_ONLY", "")
     env("QUANT_ONLY", "")
@@ -193,53 +193,53 @@ class Hyperparameters:
     # Evaluation.
     env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # 400 s leaves the other passes room in 600 s.
-    env("TTT_MAX_SECONDS", S(400.0, 0.0))
-    env("TTT_CHUNK_TOKENS", S(32768, 512))
-    env("TTT_EPOCHS", S(3, 1))
+    env("TTT_MAX_SECONDS", S(400.0, 0.0), must=">= 0")
+    env("TTT_CHUNK_TOKENS", S(32768, 512), must=">= 1")
+    env("TTT_EPOCHS", S(3, 1), must=">= 0")
     env("TTT_OPTIMIZER", "sgd")
-    env("TTT_LR", 0.002)
-    env("TTT_MOMENTUM", 0.9)
-    env("TTT_FREEZE_BLOCKS", 0)
-    env("TTT_BATCH_SEQS", S(32, 4))
-    env("TTT_GRAD_CLIP", 1.0)
-    env("TTT_LORA_RANK", 8)
-    env("TTT_LORA_LR", 0.01)
-    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len)
-    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)))  # a chunk has >= 3/4 window of context
-    env("TTT_LORA_BATCH", S(64, 8))
+    env("TTT_LR", 0.002, must=">= 0")
+    env("TTT_MOMENTUM", 0.9, must=">= 0")
+    env("TTT_FREEZE_BLOCKS", 0, must=">= 0")
+    env("TTT_BATCH_SEQS", S(32, 4), must=">= 1")
+    env("TTT_GRAD_CLIP", 1.0, must=">= 0")
+    env("TTT_LORA_RANK", 8, must=">= 1")
+    env("TTT_LORA_LR", 0.01, must=">= 0")
+    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, must=">= 1")
+    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), must=">= 1")  # a chunk has >= 3/4 window of context
+    env("TTT_LORA_BATCH", S(64, 8), must=">= 1")
     env("NGRAM_ORDER", 4)
-    env("NGRAM_BUCKETS", S(65536, 4096))
-    env("NGRAM_PRIOR", 3.0)
-    env("NGRAM_ETA", 0.01)
+    env("NGRAM_BUCKETS", S(65536, 4096), must=">= 1")
+    env("NGRAM_PRIOR", 3.0, must="> 0")
+    env("NGRAM_ETA", 0.01, must=">= 0")
     env("NGRAM_INIT_WEIGHT", 0.1)
-    env("NGRAM_ENTROPY_BINS", 8)
-    env("NGRAM_CHUNK", 512)
+    env("NGRAM_ENTROPY_BINS", 8, must=">= 1")
+    env("NGRAM_CHUNK", 512, must=">= 1")
 
     # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
     env("PRESET", "seeds")
     env("LOOP_LAYERS", "")
-    env("LOOP_REPEATS", 2)
-    env("LOOP_START_FRAC", 0.0)
-    env("PARALLEL_FROM", 0)
-    env("ATTN_GATE_DIMS", 0)
+    env("LOOP_REPEATS", 2, must=">= 1")
+    env("LOOP_START_FRAC", 0.0, must="in [0, 1)")
+    env("PARALLEL_FROM", 0, must=">= 0")
+    env("ATTN_GATE_DIMS", 0, must=">= 0")
     env("MUON_ROW_NORM", False)
     env("NORMUON", False)
-    env("NORMUON_BETA2", 0.95)
-    env("MIN_LR", 0.0)
-    env("MUON_WD_TAPER_START", 1.0)
-    env("MUON_WD_FINAL", 0.0)
-    env("EMA_HALF_LIFE_FRAC", 0.0)
+    env("NORMUON_BETA2", 0.95, must="in [0, 1)")
+    env("MIN_LR", 0.0, must="in [0, 1)")
+    env("MUON_WD_TAPER_START", 1.0, must=">= 0")
+    env("MUON_WD_FINAL", 0.0, must=">= 0")
+    env("EMA_HALF_LIFE_FRAC", 0.0, must=">= 0")
     env("SEQ_LEN_SCHEDULE", "")
-    env("EMBED_CLIP_SIGMAS", 0.0)
+    env("EMBED_CLIP_SIGMAS", 0.0, must=">= 0")
     env("EMBED_GPTQ", False)
 
-    # Export of the April records (issue 15): SDClip per class (0: the clip search), AWQ-lite, LQER.
-    env("ATTN_CLIP_SIGMAS", 0.0)
-    env("MLP_CLIP_SIGMAS", 0.0)
-    env("AWQ_GROUP", 0)  # columns of the most salient group kept at AWQ_BITS in GPTQ
+    # The April records' export (issue 15): SDClip per class (0: clip search), AWQ-lite, LQER.
+    env("ATTN_CLIP_SIGMAS", 0.0, must=">= 0")
+    env("MLP_CLIP_SIGMAS", 0.0, must=">= 0")
+    env("AWQ_GROUP", 0, must=">= 0")  # columns of the most salient group kept at AWQ_BITS in GPTQ
     env("AWQ_BITS", 8)
-    env("LQER_RANK", 0)
-    env("LQER_TOP_K", 3)
+    env("LQER_RANK", 0, must=">= 0")
+    env("LQER_TOP_K", 3, must=">= 1")
     env("LQER_BITS", 4)
 
     # Runtime.
@@ -259,17 +259,14 @@ def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
-            out.append(f"WARNING: env {name} ignored: settings are upper case, did you mean {name.upper()}?")
-        if name in KNOWN_ENV or name in FOREIGN_ENV or not name.isupper():
-            continue
-        close = difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)
-        if close:
-            out.append(f"WARNING: env {name} ignored: not a setting, did you mean {close[0]}?")
-    return out
+            out.append((name, "settings are upper case", name.upper()))
+        elif name.isupper() and name not in KNOWN_ENV and name not in FOREIGN_ENV:
+            out += [(name, "not a setting", c) for c in difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)]
+    return [f"WARNING: env {name} ignored: {why}, did you mean {close}?" for name, why, close in out]
 
 
 def ve_layer_indices(args):
-    if not args.ve_enabled or not args.ve_layers.strip():
+    if not args.ve_enabled:
         return []
     try:
         idx = [int(s) for s in args.ve_layers.split(",") if s.strip()]
@@ -294,31 +291,16 @@ def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
-# Lower bounds; the later checks divide by some of these.
-AT_LEAST_1 = ("NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE TRAIN_BATCH_TOKENS "
-              "VAL_BATCH_SIZE TRAIN_LOG_EVERY BIGRAM_DIM VE_DIM SWA_EVERY MUON_BACKEND_STEPS GPTQ_BLOCK_SIZE "
-              "GPTQ_CALIB_BATCHES ARTIFACT_CAP ZSTD_LEVEL TTT_CHUNK_TOKENS TTT_BATCH_SEQS TTT_LORA_RANK TTT_LORA_SEQ_LEN "
-              "TTT_LORA_CHUNK TTT_LORA_BATCH NGRAM_BUCKETS NGRAM_ENTROPY_BINS NGRAM_CHUNK LOOP_REPEATS LQER_TOP_K").split()
-AT_LEAST_0 = ("ITERATIONS WARMUP_STEPS WARMDOWN_ITERS VAL_LOSS_EVERY GRAD_ACCUM_STEPS XSA_LAST_N MUON_MOMENTUM_WARMUP_STEPS "
-              "MAX_WALLCLOCK_SECONDS GPTQ_RESERVE_SECONDS TTT_MAX_SECONDS TTT_EPOCHS TTT_FREEZE_BLOCKS MATRIX_LR SCALAR_LR "
-              "TIED_EMBED_LR EMBED_LR HEAD_LR MUON_WD ADAM_WD GRAD_CLIP_NORM LATE_QAT_THRESHOLD TTT_LR TTT_LORA_LR "
-              "TTT_MOMENTUM TTT_GRAD_CLIP NGRAM_ETA PARALLEL_FROM ATTN_GATE_DIMS EMA_HALF_LIFE_FRAC EMBED_CLIP_SIGMAS "
-              "MUON_WD_TAPER_START MUON_WD_FINAL ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS AWQ_GROUP LQER_RANK").split()
-POSITIVE = "MLP_MULT LOGIT_SOFTCAP ROPE_BASE ADAM_EPS GPTQ_DAMP TIED_EMBED_INIT_STD NGRAM_PRIOR".split()
-BELOW_1 = "BETA1 BETA2 MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START EMA_DECAY NORMUON_BETA2 MIN_LR LOOP_START_FRAC".split()  # and >= 0
 CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "pergroup", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
 
 
 def check_ranges(args):
-    value = lambda name: getattr(args, name.lower())  # noqa: E731
-    err = [f"{n}={value(n)} must be a finite number" for n, d in KNOWN_ENV.items()
-           if isinstance(d, float) and not math.isfinite(value(n))]
-    err += [f"{n}={value(n)} must be >= 1" for n in AT_LEAST_1 if value(n) < 1]
-    err += [f"{n}={value(n)} must be >= 0" for n in AT_LEAST_0 if value(n) < 0]
-    err += [f"{n}={value(n)} must be > 0" for n in POSITIVE if not value(n) > 0]
-    err += [f"{n}={value(n)} must be in [0, 1)" for n in BELOW_1 if not 0 <= value(n) < 1]
-    err += [f"{n}={value(n)} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value(n) not in c]
+    value = {n: getattr(args, n.lower()) for n in KNOWN_ENV}
+    err = [f"{n}={value[n]} must be a finite number" for n, d in KNOWN_ENV.items()
+           if isinstance(d, float) and not math.isfinite(value[n])]
+    err += [f"{n}={value[n]} must be {rule}" for n, rule in RANGES.items() if not IN_RANGE[rule](value[n])]
+    err += [f"{n}={value[n]} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value[n] not in c]
     if args.vocab_size < 4:
         err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are special)")
     return err
@@ -349,10 +331,9 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
     if args.bigram_vocab_size == 1 or args.bigram_vocab_size < 0:
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
-    if any(not (2 <= b <= 8 or b == 16) for b in (args.attn_bits, args.mlp_bits, args.embed_bits)):
-        err.append("ATTN_BITS, MLP_BITS and EMBED_BITS must be in 2..8 (or 16: fp16)")
-    if not (2 <= args.awq_bits <= 8 and 2 <= args.lqer_bits <= 8):
-        err.append("AWQ_BITS and LQER_BITS must be in 2..8")
+    if not all(2 <= b <= 8 or b == 16 for b in (args.attn_bits, args.mlp_bits, args.embed_bits)) \
+            or not 2 <= args.awq_bits <= 8 or not 2 <= args.lqer_bits <= 8:
+        err.append("ATTN_BITS, MLP_BITS, EMBED_BITS (or 16: fp16), AWQ_BITS and LQER_BITS must be in 2..8")
     try:
         quant_overrides(args)
         if not all(0 < r <= 1 for r in clip_ratios(args)):
@@ -367,8 +348,8 @@ def validate_config(args, world_size, grad_accum_steps):
     if args.resume and not os.path.isdir(args.resume):
         err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
-    bad = [m for m in modes if m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")]
-    if bad or not modes:
+    if not modes or any(m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")
+                        for m in modes):
         err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +ngram")
     if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
         err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}")
@@ -452,8 +433,7 @@ class Muon(torch.optim.Optimizer):
         if self.normuon_beta2:  # NorMuon: rows over their running RMS, same norm
             g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
             v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
-            n = g.norm()
-            g = g / (v.sqrt() + 1e-8)
+            n, g = g.norm(), g / (v.sqrt() + 1e-8)
             g = g * (n / (g.norm() + 1e-8))
         return g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
 
@@ -461,35 +441,29 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
         if not params:
             return
-        flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+        flat = torch.zeros(sum(p.numel() for _, p in params), device=params[0][1].device, dtype=torch.float32)
         offset, pending = 0, []
         for group in self.param_groups:
             m, round_start = group["momentum"], offset
             for i, p in enumerate(group["params"]):
-                n = p.numel()
                 if i % world == rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(m).add_(p.grad)
-                    g = p.grad.add(buf, alpha=m)  # Nesterov
-                    g = self.orthogonalize(p, g, group)
-                    flat[offset:offset + n] = g.flatten().float()
-                offset += n
+                    g = self.orthogonalize(p, p.grad.add(buf, alpha=m), group)  # Nesterov
+                    flat[offset:offset + p.numel()] = g.flatten()
+                offset += p.numel()
                 if distributed and (i % world == world - 1 or i == len(group["params"]) - 1):
                     pending.append(dist.all_reduce(flat[round_start:offset], async_op=True))
                     round_start = offset
         for work in pending:
             work.wait()
-        offset = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                n = p.numel()
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += n
+        for (group, p), update in zip(params, flat.split([p.numel() for _, p in params])):
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
 # -----------------------------------------------------------------------------
@@ -499,23 +473,19 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
-    table = max(int(sp.vocab_size()), vocab_size)
-    base_bytes, has_leading_space = np.zeros(table, dtype=np.int16), np.zeros(table, dtype=np.bool_)
-    is_boundary = np.ones(table, dtype=np.bool_)
-    for t in range(int(sp.vocab_size())):
+    pieces = int(sp.vocab_size())
+    table = max(pieces, vocab_size)
+    base_bytes, has_leading_space, is_boundary = np.zeros(table, np.int16), np.zeros(table, bool), np.ones(table, bool)
+    for t in range(pieces):
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
             continue
-        is_boundary[t] = False
+        is_boundary[t], piece = False, sp.id_to_piece(t)
         if sp.is_byte(t):
             base_bytes[t] = 1
-            continue
-        piece = sp.id_to_piece(t)
-        if piece.startswith("\u2581"):
-            has_leading_space[t] = True
-            piece = piece[1:]
-        base_bytes[t] = len(piece.encode("utf-8"))
-    return (torch.tensor(base_bytes, device=device), torch.tensor(has_leading_space, device=device),
-            torch.tensor(is_boundary, device=device))
+        else:
+            has_leading_space[t] = piece.startswith("\u2581")
+            base_bytes[t] = len(piece.removeprefix("\u2581").encode())
+    return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary))
 
 
 # CaseOps controls (data/caseops.py): tables count transformed text, byte sidecars the original.
@@ -547,7 +517,6 @@ VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never readable as a token s
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
-    path = str(path)
     size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != magic:
         raise DataError(f"{path}: not a {'shard' if magic == SHARD_MAGIC else 'byte sidecar'} "
@@ -555,18 +524,17 @@ def shard_token_count(path, magic=SHARD_MAGIC):
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n = int(header[2])
-    if n < 0 or size != HEADER_INTS * 4 + 2 * n:
-        raise DataError(f"{path}: {size} bytes but the header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes): "
+    if n < 0 or size != (expected := HEADER_INTS * 4 + 2 * n):
+        raise DataError(f"{path}: {size} bytes but the header says {n} tokens ({expected} bytes): "
                         "truncated or corrupt, download or export it again")
     return n
 
 
 def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
     n = shard_token_count(path, magic)
-    tokens = np.fromfile(str(path), dtype="<u2", count=n, offset=HEADER_INTS * 4)
-    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: "
-                        "shards and tokenizer do not match")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    if vocab_size is not None and n and (top := int(tokens.max())) >= vocab_size:
+        raise DataError(f"{path}: token id {top} >= VOCAB_SIZE={vocab_size}: shards and tokenizer do not match")
     return tokens
 
 
@@ -594,7 +562,6 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.seek((self.file_idx + 1) % len(self.files), 0)
-                continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -637,10 +604,9 @@ def load_validation_bytes(pattern):
                         "export the dataset again")
     counts = []
     for shard, sidecar in zip(shards, sidecars):
-        counts.append(load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
-        if len(counts[-1]) != shard_token_count(shard):
-            raise DataError(f"{sidecar} has {len(counts[-1])} counts, {shard} another token count: "
-                            "export the dataset again")
+        counts.append(c := load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
+        if len(c) != shard_token_count(shard):
+            raise DataError(f"{sidecar} has {len(c)} counts, {shard} another token count: export the dataset again")
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
@@ -702,22 +668,18 @@ SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if
 
 
 def select_attention(requested, device):
-    candidates = {"fa3": ("flash_attn_interface", "flash_attn_func"), "fa2": ("flash_attn", "flash_attn_func")}
-    order = [requested] if requested != "auto" else (["fa3", "fa2", "sdpa"] if device.type == "cuda" else ["sdpa"])
-    for name in order:
-        if name.startswith("sdpa"):
-            ATTN_IMPL["fn"] = None
-            kernel = name.partition("_")[2]
-            for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
-                getattr(torch.backends.cuda, f"enable_{k}_sdp" if k != "efficient" else "enable_mem_efficient_sdp")(k == kernel)
-            return name
+    modules = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
+    for name in [n for n in modules if requested == n or requested == "auto" and device.type == "cuda"]:
         try:
-            ATTN_IMPL["fn"] = getattr(__import__(candidates[name][0]), candidates[name][1])
+            ATTN_IMPL["fn"] = __import__(modules[name]).flash_attn_func
             return name
         except ImportError:
             if requested != "auto":
-                raise ConfigError(f"ATTN_BACKEND={requested} but {candidates[name][0]} is not importable")
-    raise AssertionError("unreachable")
+                raise ConfigError(f"ATTN_BACKEND={requested} but {modules[name]} is not importable")
+    ATTN_IMPL["fn"], kernel = None, requested.partition("_")[2]
+    for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
+        getattr(torch.backends.cuda, f"enable_{k.replace('efficient', 'mem_efficient')}_sdp")(k == kernel)
+    return "sdpa" if requested == "auto" else requested
 
 
 def causal_attention(q, k, v):
@@ -739,16 +701,16 @@ class Rotary(nn.Module):
 
     def forward(self, T, device):
         base = self.base
-        if T > self.train_seq_len:
-            base *= (T / self.train_seq_len) ** (self.dims / (self.dims - 2)) if self.dims > 2 else 1.0
+        if T > self.train_seq_len and self.dims > 2:
+            base *= (T / self.train_seq_len) ** (self.dims / (self.dims - 2))
         inv_freq = base ** (-torch.arange(0, self.dims, 2, device=device, dtype=torch.float32) / self.dims)
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
-def apply_rotary(x, cos, sin, dims):
-    half = dims // 2
-    x1, x2, rest = x[..., :half], x[..., half:dims], x[..., dims:]
+def apply_rotary(x, cos, sin):
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
@@ -764,27 +726,23 @@ def exclusive_self_attention(y, v):
 class Attention(nn.Module):
     def __init__(self, args, xsa):
         super().__init__()
-        dim, self.num_heads, self.num_kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
-        self.head_dim = dim // args.num_heads
+        dim, self.head_dim = args.model_dim, args.model_dim // args.num_heads
         kv_dim = args.num_kv_heads * self.head_dim
         self.c_q, self.c_k, self.c_v = CastedLinear(dim, dim), CastedLinear(dim, kv_dim), CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
-        self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
-        self.rope_dims, self.xsa = args.rope_dims, xsa
+        self.rotary, self.xsa = Rotary(args.rope_dims, args.rope_base, args.train_seq_len), xsa
         # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init is the identity.
         self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = [f(x).view(B, T, -1, self.head_dim) for f in (self.c_q, self.c_k, self.c_v)]
         if ve is not None:
             v = v + ve.view_as(v)
         cos, sin = self.rotary(T, x.device)
-        q = apply_rotary(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain.to(x.dtype)[:, None]
-        k = apply_rotary(rms_norm(k), cos, sin, self.rope_dims)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[:, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
         # FlashAttention needs bf16/fp16: undo any promotion to fp32.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
@@ -808,10 +766,8 @@ class Block(nn.Module):
     def __init__(self, args, layer_idx, xsa):
         super().__init__()
         dim = args.model_dim
-        self.attn = Attention(args, xsa)
-        self.mlp = MLP(dim, args.mlp_mult, args.leaky_relu_slope)
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.attn, self.mlp = Attention(args, xsa), MLP(dim, args.mlp_mult, args.leaky_relu_slope)
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # (stream, x0) weights
         self.in_scale = 1.0 / math.sqrt(layer_idx + 1) if args.ln_scale else 1.0
         self.parallel = 0 < args.parallel_from <= layer_idx
@@ -832,10 +788,8 @@ class SmearGate(nn.Module):
         self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, ids):
-        g = torch.sigmoid(self.gate.to(x.dtype))
-        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
-        g = g * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
-        return x + g * (prev - x)
+        g = torch.sigmoid(self.gate.to(x.dtype)) * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)  # x[t - 1], zero at t = 0
 
 
 class BigramHash(nn.Module):
@@ -843,8 +797,7 @@ class BigramHash(nn.Module):
 
     def __init__(self, size, dim, model_dim):
         super().__init__()
-        self.size = size
-        self.embed = nn.Embedding(size, dim)
+        self.size, self.embed = size, nn.Embedding(size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.proj = CastedLinear(dim, model_dim, zero_init=True)
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -890,9 +843,6 @@ class GPT(nn.Module):
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
         self.loop_range = loop_range(args)
         self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: a graph per value
-        self._init_weights(args)
-
-    def _init_weights(self, args):
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
@@ -926,8 +876,7 @@ class GPT(nn.Module):
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if head_delta is not None:
             logits = logits + head_delta(x)
-        logits = logits.float()
-        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
 
     def forward(self, ids, targets=None):
         logits = self.logits(ids)
