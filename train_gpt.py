@@ -1,7 +1,5 @@
-"""Parameter Golf trainer, configured by env vars (README): trains a GPT with Muon + Adam, averages it, exports it
-as int6 per-row + zstd-22, reloads the artifact and scores it in bits per byte on the validation split."""
-from __future__ import annotations
-
+"""Parameter Golf trainer (README): trains a GPT, exports it quantized and compressed, scores the reloaded artifact
+in bits per byte."""
 import copy
 import difflib
 import functools
@@ -29,15 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # HYPERPARAMETERS
 # Env vars (README "Configuration"); SMOKE=1: tiny, for a CPU.
-# -----------------------------------------------------------------------------
+# -----------------------------
 
 KNOWN_ENV = {}  # name -> default
 SETTINGS = {}  # name -> value
 ENV_ERRORS = []  # unparsable values
-RANGES = {}  # name -> env()'s `must`, checked first: the later checks divide by some of these
+RANGES = {}  # name -> range, checked first: later checks divide by these
 IN_RANGE = {">= 1": lambda v: not v < 1, ">= 0": lambda v: not v < 0, "> 0": lambda v: v > 0,
             "in [0, 1)": lambda v: 0 <= v < 1}
 
@@ -51,7 +49,7 @@ class DataError(ValueError):
 
 
 def env(name, default, must=None):
-    """Setting `name`: the env var as the type of `default` (the PRESET's, if set); `must`: a key of IN_RANGE."""
+    """The env var `name` as the type of `default` (the PRESET's if set); `must`: a key of IN_RANGE."""
     default = KNOWN_ENV[name] = SETTINGS[name] = PRESETS.get(PRESET, {}).get(name, default)
     if must:
         RANGES[name] = must
@@ -89,12 +87,13 @@ PRESETS["naive_baseline"] = dict(
 PRESETS["top"] = dict(
     MLP_MULT=4.0, QK_GAIN_INIT=5.25, MUON_MOMENTUM=0.97, MUON_ROW_NORM=True, MUON_WD=0.095, MIN_LR=0.1,
     EMA_HALF_LIFE_FRAC=0.04, LOOP_LAYERS=S("3-5", "1-1"), LOOP_REPEATS=2, LOOP_START_FRAC=0.35,
-    PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_CLIP_SIGMAS=20.0, EMBED_GPTQ=True,
+    PARALLEL_FROM=S(7, 2), ATTN_GATE_DIMS=S(12, 8), EMBED_GPTQ=True, EMBED_BITS=7, EMBED_CLIP_SIGMAS=14.0,
+    ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, LQER_RANK=4,
     **S(dict(VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
              TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"), {}))
 
 
-# env("NAME", default) sets attribute name.lower().
+# env("NAME", default) sets attribute name.lower()
 @settings_as_attributes
 class Hyperparameters:
     # Data and run.
@@ -105,86 +104,84 @@ class Hyperparameters:
     env("SEED", 1337)
 
     # Schedule.
-    env("ITERATIONS", S(20000, 40), must=">= 0")
-    env("WARMUP_STEPS", S(20, 2), must=">= 0")  # compile priming, undone
-    env("WARMDOWN_ITERS", S(3500, 15), must=">= 0")
-    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0), must=">= 0")
-    env("TRAIN_BATCH_TOKENS", S(786_432, 4096), must=">= 1")
-    env("GRAD_ACCUM_STEPS", 0, must=">= 0")  # 0: 8 // WORLD_SIZE, as officially
-    train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128), must=">= 1")
-    eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len, must=">= 1")
-    env("EVAL_STRIDE", S(64, 32), must=">= 1")
-    env("VAL_BATCH_SIZE", S(524_288, 16384), must=">= 1")
-    env("VAL_LOSS_EVERY", S(4000, 20), must=">= 0")
-    env("TRAIN_LOG_EVERY", S(200, 10), must=">= 1")
+    env("ITERATIONS", S(20000, 40), ">= 0")
+    env("WARMUP_STEPS", S(20, 2), ">= 0")  # compile priming, undone
+    env("WARMDOWN_ITERS", S(3500, 15), ">= 0")
+    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0), ">= 0")
+    env("TRAIN_BATCH_TOKENS", S(786_432, 4096), ">= 1")
+    env("GRAD_ACCUM_STEPS", 0, ">= 0")  # 0: 8 // WORLD_SIZE, as officially
+    train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128), ">= 1")
+    eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len, ">= 1")
+    env("EVAL_STRIDE", S(64, 32), ">= 1")
+    env("VAL_BATCH_SIZE", S(524_288, 16384), ">= 1")
+    env("VAL_LOSS_EVERY", S(4000, 20), ">= 0")
+    env("TRAIN_LOG_EVERY", S(200, 10), ">= 1")
 
     # Model.
-    env("NUM_LAYERS", S(11, 3), must=">= 1")
-    env("MODEL_DIM", S(512, 64), must=">= 1")
-    env("NUM_HEADS", S(8, 4), must=">= 1")
-    env("NUM_KV_HEADS", S(4, 2), must=">= 1")
-    env("MLP_MULT", 3.0, must="> 0")
+    env("NUM_LAYERS", S(11, 3), ">= 1")
+    env("MODEL_DIM", S(512, 64), ">= 1")
+    env("NUM_HEADS", S(8, 4), ">= 1")
+    env("NUM_KV_HEADS", S(4, 2), ">= 1")
+    env("MLP_MULT", 3.0, "> 0")
     env("LEAKY_RELU_SLOPE", 0.5)
     env("TIE_EMBEDDINGS", True)
-    env("TIED_EMBED_INIT_STD", 0.005, must="> 0")
-    env("ROPE_BASE", 10000.0, must="> 0")
+    env("TIED_EMBED_INIT_STD", 0.005, "> 0")
+    env("ROPE_BASE", 10000.0, "> 0")
     env("ROPE_DIMS", S(16, 8))
-    env("LOGIT_SOFTCAP", 30.0, must="> 0")
+    env("LOGIT_SOFTCAP", 30.0, "> 0")
     env("QK_GAIN_INIT", 1.5)
     env("LN_SCALE", True)
-    env("XSA_LAST_N", 11, must=">= 0")
+    env("XSA_LAST_N", 11, ">= 0")
     env("BIGRAM_VOCAB_SIZE", S(2048, 256))
-    env("BIGRAM_DIM", S(128, 32), must=">= 1")
+    env("BIGRAM_DIM", S(128, 32), ">= 1")
     env("SMEAR_ENABLED", True)
     env("UNET_SKIPS", True)
     env("VE_ENABLED", True)
-    env("VE_DIM", S(128, 32), must=">= 1")
+    env("VE_DIM", S(128, 32), ">= 1")
     env("VE_LAYERS", "-2,-1")  # python-style indices
 
     # Optimizers.
-    env("MATRIX_LR", 0.025, must=">= 0")
-    env("SCALAR_LR", 0.025, must=">= 0")
-    env("TIED_EMBED_LR", 0.035, must=">= 0")
-    env("EMBED_LR", 0.6, must=">= 0")
-    env("HEAD_LR", 0.008, must=">= 0")
-    env("MUON_MOMENTUM", 0.99, must="in [0, 1)")
-    env("MUON_MOMENTUM_WARMUP_START", 0.92, must="in [0, 1)")
-    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10), must=">= 0")
-    env("MUON_BACKEND_STEPS", 5, must=">= 1")
+    env("MATRIX_LR", 0.025, ">= 0")
+    env("SCALAR_LR", 0.025, ">= 0")
+    env("TIED_EMBED_LR", 0.035, ">= 0")
+    env("EMBED_LR", 0.6, ">= 0")
+    env("HEAD_LR", 0.008, ">= 0")
+    env("MUON_MOMENTUM", 0.99, "in [0, 1)")
+    env("MUON_MOMENTUM_WARMUP_START", 0.92, "in [0, 1)")
+    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10), ">= 0")
+    env("MUON_BACKEND_STEPS", 5, ">= 1")
     env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
-    env("MUON_WD", 0.04, must=">= 0")
-    env("ADAM_WD", 0.04, must=">= 0")
-    env("BETA1", 0.9, must="in [0, 1)")
-    env("BETA2", 0.95, must="in [0, 1)")
-    env("ADAM_EPS", 1e-8, must="> 0")
-    env("GRAD_CLIP_NORM", 0.3, must=">= 0")
+    env("MUON_WD", 0.04, ">= 0")
+    env("ADAM_WD", 0.04, ">= 0")
+    env("BETA1", 0.9, "in [0, 1)")
+    env("BETA2", 0.95, "in [0, 1)")
+    env("ADAM_EPS", 1e-8, "> 0")
+    env("GRAD_CLIP_NORM", 0.3, ">= 0")
 
     # Weight averaging.
     env("EMA_ENABLED", True)
-    env("EMA_DECAY", S(0.997, 0.9), must="in [0, 1)")
+    env("EMA_DECAY", S(0.997, 0.9), "in [0, 1)")
     env("SWA_ENABLED", False)
-    env("SWA_EVERY", S(50, 5), must=">= 1")
+    env("SWA_EVERY", S(50, 5), ">= 1")
     env("SWA_START_SCALE", 0.2)
-    env("SWA_FROM_EMA", True)
 
     # Export.
     env("ATTN_BITS", 6)
     env("MLP_BITS", 6)
     env("EMBED_BITS", 8)  # 16: fp16
-    # The smoke run quantizes its small matrices, for GPTQ and QAT.
+    # SMOKE quantizes its small matrices too (GPTQ, QAT).
     env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
     env("QUANT_METHOD", "gptq")
     env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
-    env("GPTQ_BLOCK_SIZE", 128, must=">= 1")
-    env("GPTQ_DAMP", 0.01, must="> 0")
-    env("GPTQ_ACT_ORDER", True)
-    env("GPTQ_CALIB_BATCHES", S(8, 4), must=">= 1")
-    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0), must=">= 0")
-    env("LATE_QAT_THRESHOLD", 0.15, must=">= 0")
+    env("GPTQ_BLOCK_SIZE", 128, ">= 1")
+    env("GPTQ_DAMP", 0.01, "> 0")
+    env("GPTQ_CALIB_BATCHES", S(8, 4), ">= 1")
+    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0), ">= 0")
+    env("LATE_QAT_THRESHOLD", 0.15, ">= 0")
     env("PRUNE_FRAC", 0.0)
     env("COMPRESSOR", "zstd")
-    env("ZSTD_LEVEL", 22, must=">= 1")
-    env("ARTIFACT_CAP", 16_000_000, must=">= 1")
+    env("ZSTD_LEVEL", 22, ">= 1")
+    env("ARTIFACT_CAP", 16_000_000, ">= 1")
     env("FIT_MAX_PRUNE_FRAC", 0.5)
     env("EVAL_ONLY", "")
     env("QUANT_ONLY", "")
@@ -193,53 +190,52 @@ class Hyperparameters:
     # Evaluation.
     env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # 400 s leaves the other passes room in 600 s.
-    env("TTT_MAX_SECONDS", S(400.0, 0.0), must=">= 0")
-    env("TTT_CHUNK_TOKENS", S(32768, 512), must=">= 1")
-    env("TTT_EPOCHS", S(3, 1), must=">= 0")
-    env("TTT_OPTIMIZER", "sgd")
-    env("TTT_LR", 0.002, must=">= 0")
-    env("TTT_MOMENTUM", 0.9, must=">= 0")
-    env("TTT_FREEZE_BLOCKS", 0, must=">= 0")
-    env("TTT_BATCH_SEQS", S(32, 4), must=">= 1")
-    env("TTT_GRAD_CLIP", 1.0, must=">= 0")
-    env("TTT_LORA_RANK", 8, must=">= 1")
-    env("TTT_LORA_LR", 0.01, must=">= 0")
-    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, must=">= 1")
-    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), must=">= 1")  # a chunk has >= 3/4 window of context
-    env("TTT_LORA_BATCH", S(64, 8), must=">= 1")
+    env("TTT_MAX_SECONDS", S(400.0, 0.0), ">= 0")
+    env("TTT_CHUNK_TOKENS", S(32768, 512), ">= 1")
+    env("TTT_EPOCHS", S(3, 1), ">= 0")
+    env("TTT_LR", 0.002, ">= 0")
+    env("TTT_MOMENTUM", 0.9, ">= 0")
+    env("TTT_FREEZE_BLOCKS", 0, ">= 0")
+    env("TTT_BATCH_SEQS", S(32, 4), ">= 1")
+    env("TTT_GRAD_CLIP", 1.0, ">= 0")
+    env("TTT_LORA_RANK", 8, ">= 1")
+    env("TTT_LORA_LR", 0.01, ">= 0")
+    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, ">= 1")
+    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), ">= 1")  # a chunk has >= 3/4 window of context
+    env("TTT_LORA_BATCH", S(64, 8), ">= 1")
     env("NGRAM_ORDER", 4)
-    env("NGRAM_BUCKETS", S(65536, 4096), must=">= 1")
-    env("NGRAM_PRIOR", 3.0, must="> 0")
-    env("NGRAM_ETA", 0.01, must=">= 0")
+    env("NGRAM_BUCKETS", S(65536, 4096), ">= 1")
+    env("NGRAM_PRIOR", 3.0, "> 0")
+    env("NGRAM_ETA", 0.01, ">= 0")
     env("NGRAM_INIT_WEIGHT", 0.1)
-    env("NGRAM_ENTROPY_BINS", 8, must=">= 1")
-    env("NGRAM_CHUNK", 512, must=">= 1")
+    env("NGRAM_ENTROPY_BINS", 8, ">= 1")
+    env("NGRAM_CHUNK", 512, ">= 1")
 
     # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
     env("PRESET", "seeds")
     env("LOOP_LAYERS", "")
-    env("LOOP_REPEATS", 2, must=">= 1")
-    env("LOOP_START_FRAC", 0.0, must="in [0, 1)")
-    env("PARALLEL_FROM", 0, must=">= 0")
-    env("ATTN_GATE_DIMS", 0, must=">= 0")
+    env("LOOP_REPEATS", 2, ">= 1")
+    env("LOOP_START_FRAC", 0.0, "in [0, 1)")
+    env("PARALLEL_FROM", 0, ">= 0")
+    env("ATTN_GATE_DIMS", 0, ">= 0")
     env("MUON_ROW_NORM", False)
     env("NORMUON", False)
-    env("NORMUON_BETA2", 0.95, must="in [0, 1)")
-    env("MIN_LR", 0.0, must="in [0, 1)")
-    env("MUON_WD_TAPER_START", 1.0, must=">= 0")
-    env("MUON_WD_FINAL", 0.0, must=">= 0")
-    env("EMA_HALF_LIFE_FRAC", 0.0, must=">= 0")
+    env("NORMUON_BETA2", 0.95, "in [0, 1)")
+    env("MIN_LR", 0.0, "in [0, 1)")
+    env("MUON_WD_TAPER_START", 1.0, ">= 0")
+    env("MUON_WD_FINAL", 0.0, ">= 0")
+    env("EMA_HALF_LIFE_FRAC", 0.0, ">= 0")
     env("SEQ_LEN_SCHEDULE", "")
-    env("EMBED_CLIP_SIGMAS", 0.0, must=">= 0")
+    env("EMBED_CLIP_SIGMAS", 0.0, ">= 0")
     env("EMBED_GPTQ", False)
 
-    # The April records' export (issue 15): SDClip per class (0: clip search), AWQ-lite, LQER.
-    env("ATTN_CLIP_SIGMAS", 0.0, must=">= 0")
-    env("MLP_CLIP_SIGMAS", 0.0, must=">= 0")
-    env("AWQ_GROUP", 0, must=">= 0")  # columns of the most salient group kept at AWQ_BITS in GPTQ
+    # The April records' export: SDClip per class (0: clip search), AWQ-lite, LQER.
+    env("ATTN_CLIP_SIGMAS", 0.0, ">= 0")
+    env("MLP_CLIP_SIGMAS", 0.0, ">= 0")
+    env("AWQ_GROUP", 0, ">= 0")  # most salient columns kept at AWQ_BITS
     env("AWQ_BITS", 8)
-    env("LQER_RANK", 0, must=">= 0")
-    env("LQER_TOP_K", 3, must=">= 1")
+    env("LQER_RANK", 0, ">= 0")
+    env("LQER_TOP_K", 3, ">= 1")
     env("LQER_BITS", 4)
 
     # Runtime.
@@ -250,17 +246,12 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
-# Set by torchrun, CUDA and friends: not misspellings.
-FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"}
-
-
 def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
             out.append((name, "settings are upper case", name.upper()))
-        elif name.isupper() and name not in KNOWN_ENV and name not in FOREIGN_ENV:
+        elif name.isupper() and name not in KNOWN_ENV:  # (torchrun's RANK etc. match nothing)
             out += [(name, "not a setting", c) for c in difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)]
     return [f"WARNING: env {name} ignored: {why}, did you mean {close}?" for name, why, close in out]
 
@@ -291,8 +282,8 @@ def final_modes(args):
     return [m.strip() for m in args.final_eval.split(",") if m.strip()]
 
 
-CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "pergroup", "auto"), TTT_OPTIMIZER=("sgd", "adamw"),
-               ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"))
+CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRESSOR=("zstd", "lzma", "brotli", "pergroup", "auto"),
+               ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"))
 
 
 def check_ranges(args):
@@ -386,12 +377,12 @@ def validate_config(args, world_size, grad_accum_steps):
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # MUON OPTIMIZER
-# Momentum, then each matrix update orthogonalized by Newton-Schulz iterations.
-# -----------------------------------------------------------------------------
+# Momentum, then each matrix update orthogonalized by Newton-Schulz.
+# -----------------------------
 
-# Polar Express (Amsel et al. 2025): quintics, each optimal for the spectrum the last leaves.
+# Polar Express (Amsel et al. 2025): each quintic optimal for the spectrum the last leaves.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -404,7 +395,7 @@ def ns_coefficients(spec):
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """~U V^T of G = U S V^T; coeffs: (a, b, c), or one per iteration (the last repeats)."""
+    """~U V^T of G = U S V^T; coeffs (a, b, c), or one per iteration (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
@@ -419,7 +410,7 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Rank r orthogonalizes params r, r + world, ...; a round's all-reduce overlaps the next."""
+    """Rank r orthogonalizes params r, r + world, ...; each round's all-reduce overlaps the next."""
 
     def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
@@ -466,11 +457,10 @@ class Muon(torch.optim.Optimizer):
             p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # TOKENIZER-AGNOSTIC EVALUATION SETUP
-# val_bpb = total nats / (ln 2 x UTF-8 bytes of the text the targets decode to).
-# A piece's leading "\u2581" is a space byte, except right after a boundary token (BOS).
-# -----------------------------------------------------------------------------
+# val_bpb = nats / (ln 2 x UTF-8 bytes of the targets' text); a leading "\u2581" is a space byte, except after BOS.
+# -----------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     pieces = int(sp.vocab_size())
@@ -488,7 +478,7 @@ def build_sentencepiece_luts(sp, vocab_size, device):
     return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary))
 
 
-# CaseOps controls (data/caseops.py): tables count transformed text, byte sidecars the original.
+# CaseOps control pieces (data/caseops.py).
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -497,7 +487,7 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of each target tokens[1:]; `luts`: the tokenizer's tables or a byte sidecar."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: tokenizer tables or a byte sidecar."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
@@ -507,10 +497,10 @@ def target_bytes(tokens, luts):
     return base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # DATA LOADING
-# Shard = 256 little-endian int32 header (magic, version, token count) + uint16 tokens.
-# -----------------------------------------------------------------------------
+# Shard = 256 int32 header (magic, version, token count) + uint16 tokens, little-endian.
+# -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never readable as a token shard
@@ -546,9 +536,10 @@ def shard_files(pattern, what):
     return files
 
 
-class TokenStream:
-    def __init__(self, pattern, vocab_size):
+class DistributedTokenLoader:
+    def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
+        self.rank, self.world_size, self.device = rank, world_size, device
         for f in self.files:  # a bad shard found mid-run wastes the run
             shard_token_count(f)
         self.seek(0, 0)
@@ -567,21 +558,16 @@ class TokenStream:
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
-
-class DistributedTokenLoader:
-    def __init__(self, pattern, vocab_size, rank, world_size, device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(pattern, vocab_size), rank, world_size, device
-
     def next_batch(self, local_tokens, seq_len):
         span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
+        chunk = self.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
         if self.device.type == "cuda":
             local = local.pin_memory().to(self.device, non_blocking=True)
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern, vocab_size, seq_len):
+def load_validation_tokens(pattern, vocab_size):
     tokens = np.concatenate([load_data_shard(f, vocab_size) for f in shard_files(pattern, "validation")])
     if len(tokens) < 2:
         raise DataError(f"validation split {pattern} holds {len(tokens)} tokens: nothing to score")
@@ -591,9 +577,6 @@ def load_validation_tokens(pattern, vocab_size, seq_len):
 def load_validation_bytes(pattern):
     """Each val token's original bytes from CaseOps sidecars, or None."""
     shards = shard_files(pattern, "validation")
-    if any(os.path.basename(f).startswith("fineweb_val_bytes_") for f in shards):
-        raise DataError(f"{pattern} matches fineweb_val_bytes_* files (read as tokens): export the data again "
-                        "with `data/export_shards.py --caseops`")
     sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_valbytes_", 1))
                 for f in shards]
     present = [os.path.isfile(f) for f in sidecars]
@@ -623,9 +606,9 @@ def validation_byte_source(args, sp, luts, log):
     return luts
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # MODEL
-# -----------------------------------------------------------------------------
+# -----------------------------
 
 BOS_ID = 1
 
@@ -635,8 +618,8 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weights in the activation dtype. Late QAT: the buffer `qat_delta` = fake_quantize(w) - w (compiled
-    graphs read its current value): forward sees quantized weights, gradients reach w."""
+    """fp32 weights, used in the activation dtype. Late QAT: buffer `qat_delta` = fake_quantize(w) - w: the
+    forward sees quantized weights, gradients reach w."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -664,7 +647,6 @@ def refresh_qat(layers, ratios):
 
 
 ATTN_IMPL = {"fn": None}  # FlashAttention's function; None: SDPA
-SDPA_KERNELS = tuple(b.removeprefix("sdpa_") for b in CHOICES["ATTN_BACKEND"] if b.startswith("sdpa_"))
 
 
 def select_attention(requested, device):
@@ -676,10 +658,8 @@ def select_attention(requested, device):
         except ImportError:
             if requested != "auto":
                 raise ConfigError(f"ATTN_BACKEND={requested} but {modules[name]} is not importable")
-    ATTN_IMPL["fn"], kernel = None, requested.partition("_")[2]
-    for k in SDPA_KERNELS if kernel and device.type == "cuda" else ():  # the flags bind CPU SDPA too
-        getattr(torch.backends.cuda, f"enable_{k.replace('efficient', 'mem_efficient')}_sdp")(k == kernel)
-    return "sdpa" if requested == "auto" else requested
+    ATTN_IMPL["fn"] = None
+    return "sdpa"
 
 
 def causal_attention(q, k, v):
@@ -885,10 +865,10 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # EVALUATION
 # The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
-# -----------------------------------------------------------------------------
+# -----------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
 ISOLATED_MODES = ("lora",)  # no information crosses a document start
@@ -911,7 +891,7 @@ class Evaluation:
     world_size: int = 1
     log: object = print
 
-    def share(self, items):  # this rank's contiguous part of an array or a range
+    def share(self, items):  # this rank's contiguous part
         n = len(items)
         return items[n * self.rank // self.world_size:n * (self.rank + 1) // self.world_size]
 
@@ -922,8 +902,7 @@ def audit_probes(vocab, device):
 
 
 class ScoreSheet:
-    """Per target: loss, entropy, hit count; for an audit each distribution's fingerprint (audit_probes), the
-    loss read back from it, the worst normalization."""
+    """Per target: loss, entropy, hits; for an audit the distribution's fingerprint, its loss, the normalization."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
@@ -931,7 +910,7 @@ class ScoreSheet:
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
         self.norm_err = torch.zeros((), device=device)
-        self.net_nats = self.nats  # the network's losses, kept when a mixture replaces `nats`
+        self.net_nats = self.nats  # kept when a mixture replaces `nats`
 
     @torch.no_grad()
     def record(self, pos, logits, y):
@@ -1029,8 +1008,7 @@ def eval_ttt(ev, tokens, sheet):
     for blk in model.blocks[:args.ttt_freeze_blocks]:
         blk.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum) if args.ttt_optimizer == "sgd"
-           else torch.optim.AdamW(params, lr=args.ttt_lr, weight_decay=0.0))
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     budget, B = Budget(args.ttt_max_seconds), args.ttt_batch_seqs * world_size
     for c in range(n_chunks):
         t = time.perf_counter()
@@ -1119,7 +1097,7 @@ def eval_lora(ev, tokens, sheet):
             t = time.perf_counter()
             q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # doc-relative targets [q0, qe)
             w0 = torch.clamp(qe - L, min=0)
-            q = w0[:, None] + torch.arange(int((qe - w0).max()))  # doc-relative input positions
+            q = w0[:, None] + torch.arange(int((qe - w0).max()))
             pos = s0[:, None] + torch.minimum(q, qe[:, None] - 1)
             x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
             scored = ((q < qe[:, None]) & (q >= q0)).to(device)
@@ -1147,8 +1125,8 @@ def eval_lora(ev, tokens, sheet):
 
 
 class NgramMixer:
-    """Online n-gram experts (never across a BOS; hashed from order 3) smoothed towards the order below, mixed
-    with the network by weights per entropy bin (online EM, not Hedge: records/BENCHMARKS.md)."""
+    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below,
+    mixed with the network by weights per entropy bin (online EM)."""
 
     def __init__(self, args, device):
         V, self.V, self.order = args.vocab_size, args.vocab_size, args.ngram_order
@@ -1161,7 +1139,7 @@ class NgramMixer:
         self.norm_err = 0.0
 
     def keys(self, x_ext):
-        """Context row of every order at x_ext[order-2:] (x_ext: inputs after order-2 earlier tokens)."""
+        """Each order's context row at x_ext[order-2:] (after order-2 earlier tokens)."""
         back, V = self.order - 2, self.V
         n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
         last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:]
@@ -1196,14 +1174,14 @@ class NgramMixer:
             self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
 
     def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; whole rows for an `audit`."""
+        """Mixture loss of a chunk of targets, then the update; whole rows for an audit."""
         V, T = self.V, len(y)
         pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
         b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:  # (the network's own rows: ScoreSheet.record)
+        if audit is not None:
             net_fp, net_row_nats = audit
             rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
             mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
@@ -1219,7 +1197,7 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); weights start afresh per rank."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank."""
     args, t0, audit = ev.args, time.perf_counter(), sheet.fp is not None
     back = max(args.ngram_order - 2, 0)
     x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(ev.device)
@@ -1334,10 +1312,10 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         f"time:{time.perf_counter() - t0:.1f}s")
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Per-row intN (round to nearest or GPTQ); one quantizer for late QAT and the export.
-# -----------------------------------------------------------------------------
+# Per-row intN (round to nearest or GPTQ): one quantizer for late QAT and the export.
+# -----------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
 SMALL_TENSOR_NUMEL = 65_536
@@ -1386,10 +1364,10 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip of max |w| (SDClip: sigmas x std) of least error."""
+    """Per-row fp16 scales (rows, 1): the clip of max |w| of least error; SDClip: sigmas x std, beyond clamped."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
-        amax, ratios = torch.minimum(amax, sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
+        amax, ratios = (sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
     scales = torch.stack([(amax * r / qmax).half().float().clamp_min(6e-8) for r in ratios])
     err = (round_to_grid(w, scales, qmax) * scales - w).square().sum(dim=2, keepdim=True)
     return scales.gather(0, err.argmin(0, keepdim=True))[0]  # the first of equal errors
@@ -1413,9 +1391,9 @@ def salient_group(W, H, size):
     return int(score[:W.size(1) // size * size].view(-1, size).sum(1).argmax()) * size
 
 
-def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0, awq=None):
+def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
     """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]).
-    awq = (group, bits): that group of columns on its own finer grid (its scales returned third)."""
+    awq = (columns, bits): AWQ-lite, the most salient group of columns on its own finer grid."""
     W = w.float().clone()
     cols = W.size(1)
     grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
@@ -1431,7 +1409,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, act_order, sigmas=0.0, awq=No
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    perm = torch.argsort(H.diagonal(), descending=True)  # act order
     W, H, scales, grid = W[:, perm], H[perm][:, perm], scales[:, perm], grid[perm]
     for attempt in range(5):  # more damping until the Hessian factors
         Hd = H + torch.eye(cols, device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
@@ -1493,8 +1471,8 @@ def quantize_state_dict(state, args, hessians=None):
             continue
         sigmas = getattr(args, tensor_class(name) + "_clip_sigmas")
         awq = (args.awq_group, args.awq_bits) if 0 < args.awq_group < t.size(1) else None
-        e = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp,
-                          args.gptq_act_order, sigmas, awq) if H is not None else None
+        e = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas,
+                          awq) if H is not None else None
         e = e or dict(zip(("q", "scale"), quantize_per_row(t.detach(), bits, ratios, sigmas)))
         out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
     if args.lqer_rank:
@@ -1503,8 +1481,8 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def add_lqer(qstate, state, args, hessians):
-    """LQER: a rank-r SVD of the error W - W_q, its factors at LQER_BITS, on the LQER_TOP_K tensors where
-    it removes the most (Hessian-weighted) error per byte."""
+    """LQER: rank-r SVD of W - W_q, factors at LQER_BITS, on the LQER_TOP_K tensors where it removes the most
+    (Hessian-weighted) error per byte."""
     gains = []
     for name, e in qstate.items():
         if not e["bits"]:
@@ -1518,7 +1496,7 @@ def add_lqer(qstate, state, args, hessians):
         fix = dict(lqer=[r, args.lqer_bits], lqer_a=a, lqer_as=a_s, lqer_b=b, lqer_bs=b_s)
         H = hessians.get(name.removesuffix(".weight"))
         H = torch.eye(W.size(1)) if H is None else H.float().cpu()
-        err = lambda X: float(((X @ H) * X).sum())  # noqa: E731  output error on the calibration inputs
+        err = lambda X: float(((X @ H) * X).sum())  # noqa: E731 (output error)
         nbytes = (a.numel() + b.numel()) * args.lqer_bits / 8 + 2 * (r + W.size(0))
         gains.append(((err(E) - err(E - low_rank(fix))) / nbytes, name, fix))
     for gain, name, fix in sorted(gains, key=lambda g: g[0])[-args.lqer_top_k:]:
@@ -1661,7 +1639,7 @@ def _codecs():
 
 
 def section_cuts(blob):
-    """Cuts of a serialized blob: after the header, and between runs of arrays of another key or tensor role."""
+    """Cuts of a blob: after the header, and where the arrays' key or tensor role changes."""
     start = 8 + struct.unpack("<I", blob[4:8])[0]
     arrays = sorted((a["offset"], a["dtype"], key, tensor_role(n))
                     for n, t in json.loads(blob[8:start])["tensors"].items() for key, a in t["arrays"].items())
@@ -1669,7 +1647,7 @@ def section_cuts(blob):
 
 
 def compress_sections(blob, level):
-    """COMPRESSOR=pergroup: each section of the blob by its best codec (id 0: stored), as [id, u32 size, bytes]."""
+    """COMPRESSOR=pergroup: each section by its best codec (0: stored) as [id, u32 size, bytes]."""
     codecs = [(0, lambda b, lvl: b)] + [(cid, c) for cid, c, _ in list(_codecs().values())[:-1]]
     cuts, out = section_cuts(blob), []
     for a, b in zip(cuts, cuts[1:]):
@@ -1690,7 +1668,7 @@ def decompress_sections(body):
 
 
 def compress_artifact(blob, compressor, level):
-    """ARTIFACT_MAGIC + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
+    """Magic + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
     names = list(codecs) if compressor == "auto" else [compressor]
     if any(n not in codecs for n in names):
@@ -1757,9 +1735,9 @@ def build_artifact(qstate, args, code_bytes, log):
     return best[:2]
 
 
-# -----------------------------------------------------------------------------
+# -----------------------------
 # TRAINING
-# -----------------------------------------------------------------------------
+# -----------------------------
 
 def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
@@ -1847,7 +1825,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps: no blend with the init."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x the expected steps."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1866,13 +1844,13 @@ class WeightAverager:
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [state[k].float() for k in self.ema], 1 - decay)
         if self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0:
-            src = self.ema if (self.ema is not None and self.args.swa_from_ema) else {k: v.float() for k, v in state.items()}
+            src = self.ema if self.ema is not None else {k: v.float() for k, v in state.items()}
             self.swa = {k: v.clone() if self.swa is None else self.swa[k].add_(v) for k, v in src.items()}
             self.swa_count += 1
 
     def final(self):
         if self.swa is not None:
-            return f"swa({self.swa_count}{',ema' if self.ema is not None and self.args.swa_from_ema else ''})", \
+            return f"swa({self.swa_count}{',ema' if self.ema is not None else ''})", \
                 {k: v / self.swa_count for k, v in self.swa.items()}
         if self.ema is not None:
             return "ema", self.ema
@@ -1902,7 +1880,7 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A tensor copied to the host behind the queued work: read a step later, it never waits."""
+    """A tensor copied to the host behind the queued work: read a step later, never waits."""
 
     def __init__(self, t):
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
@@ -1917,8 +1895,8 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop; all it changes goes in a checkpoint per rank (Muon keeps momenta where used), so a
-    resumed run continues exactly. SIGTERM / SIGINT stop all ranks at one step."""
+    """The training loop; a checkpoint per rank lets a resumed run continue exactly; SIGTERM / SIGINT stop all
+    ranks at one step."""
 
     def __init__(self, ev, model, qat_layers, grad_accum_steps):
         args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
@@ -1957,14 +1935,13 @@ class Trainer:
         self.base_model.load_state_dict(init_model)
         for opt, st in zip(self.optimizers, init_opts):
             opt.load_state_dict(st)
-        self.loader.stream.seek(0, 0)
+        self.loader.seek(0, 0)
 
-    # --- checkpoints ---
     def state(self):
+        a, loader = self.averager, self.loader
         return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
-                    ema=self.averager.ema, swa=self.averager.swa, swa_count=self.averager.swa_count,
-                    data=(self.loader.stream.file_idx, self.loader.stream.pos), step=self.step, train_ms=self.train_ms,
-                    qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
+                    averager=(a.ema, a.swa, a.swa_count), data=(loader.file_idx, loader.pos), step=self.step,
+                    train_ms=self.train_ms, qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
 
     def save(self, why):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -1987,8 +1964,8 @@ class Trainer:
         self.base_model.load_state_dict(st["model"])
         for opt, o in zip(self.optimizers, st["optimizers"]):
             opt.load_state_dict(o)
-        self.averager.ema, self.averager.swa, self.averager.swa_count = st["ema"], st["swa"], st["swa_count"]
-        self.loader.stream.seek(*st["data"])
+        self.averager.ema, self.averager.swa, self.averager.swa_count = st["averager"]
+        self.loader.seek(*st["data"])
         self.step, self.train_ms, self.qat_on = st["step"], st["train_ms"], st["qat_on"]
         if self.qat_on:
             refresh_qat(self.qat_layers, clip_ratios(self.args))
@@ -1999,12 +1976,11 @@ class Trainer:
             raise KeyboardInterrupt
         self.signal = signum
 
-    # --- the loop ---
     def run(self, evaluate):
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # last step's flags (a HostCopy), read a step late: no GPU stall
+        pending = None  # the flags (a HostCopy), read a step late: no GPU stall
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -2036,9 +2012,9 @@ class Trainer:
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
-                if pending is not None:  # the last step's flags, ready while this one runs
+                if pending is not None:  # ready while this step runs
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
-                # torch.full launches a fill; torch.tensor(x, device=cuda) would sync.
+                # torch.full launches a fill; torch.tensor(x, device=cuda) syncs.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
                                                       (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
@@ -2133,7 +2109,6 @@ def main():
     code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
     require_packages(args)
 
-    # Distributed + device setup.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
@@ -2173,7 +2148,7 @@ def main():
         log(w, console=False)
 
     luts = load_tokenizer_tables(args, device, log)  # data checks before any compute
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
+    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     if not args.eval_only:  # every training shard checked now
         train_files = shard_files(args.train_files, "training")

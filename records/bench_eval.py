@@ -36,7 +36,7 @@ def main() -> None:
         sys.exit(f"--modes: each of {modes} must be one of {tg.NETWORK_MODES}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     luts = tg.load_tokenizer_tables(args, device, print)  # tables, or a CaseOps byte sidecar
-    val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
+    val = tg.load_validation_tokens(args.val_files, args.vocab_size)
     if opts.val_tokens:
         val = val[:opts.val_tokens + 1]
         luts = luts[:val.numel()] if isinstance(luts, torch.Tensor) else luts

@@ -161,7 +161,7 @@ def main() -> None:
         base, optimizers, muon, args, model, loader, grad_accum, local_tokens, device, reps)
 
     if opts.eval_tokens:
-        val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)[:opts.eval_tokens + 1]
+        val = tg.load_validation_tokens(args.val_files, args.vocab_size)[:opts.eval_tokens + 1]
         head = val[:2 * args.eval_seq_len + 1]  # compile the evaluation graph first (same padded batch shape)
         ev = tg.Evaluation(args, compiled, base, device, rank, world)
         tg.eval_windows(ev, head, tg.ScoreSheet(head.numel() - 1, device), args.eval_stride)

@@ -79,7 +79,7 @@ def script_defaults(source: str, config: dict) -> dict[str, object]:
     defaults = {}
     for node in ast.walk(ast.parse(source)):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "env"
-                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)):
+                and len(node.args) in (2, 3) and isinstance(node.args[0], ast.Constant)):  # (name, default[, range])
             name = node.args[0].value
             if name in PER_RUN_SETTINGS:
                 continue

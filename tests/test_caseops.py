@@ -170,7 +170,7 @@ def test_export_writes_aligned_sidecars(caseops_export):
             tg.load_data_shard(sidecar)  # a sidecar is never read as tokens
         with pytest.raises(tg.DataError, match="not a byte sidecar"):
             tg.load_data_shard(val, magic=tg.VAL_BYTES_MAGIC)
-    tokens = tg.load_validation_tokens(str(dataset_dir / "fineweb_val_*.bin"), 640, 16)
+    tokens = tg.load_validation_tokens(str(dataset_dir / "fineweb_val_*.bin"), 640)
     counts = tg.load_validation_bytes(str(dataset_dir / "fineweb_val_*.bin"))
     assert counts.shape == tokens.shape and (counts[tokens == tg.BOS_ID] == 0).all()
     assert int(counts.sum()) == sum(len(caseops.valid_unicode(d).encode("utf-8")) for d in docs[:12])
