@@ -16,7 +16,8 @@ class (k from the records: attention 13.0, MLP 11.5 for int6, embedding 20.0 for
 weights of today's row), and all of them. SDClip "k scaled" keeps the records' int6 grid step k*std/31:
 k_b = k * (2^(b-1) - 1) / 31 at b bits; "k kept" uses the records' k at every width. A second table gives
 each row's Hessian-weighted reconstruction error per tensor class, sum tr(E H E^T) / sum tr(W H W^T) with
-E = W - W_hat, on the same calibration Hessians (the embedding's: the tied head's inputs).
+E = W - W_hat, on the same calibration Hessians (the embedding's: the tied head's inputs, collected for this
+table only; the exports keep the EMBED_GPTQ setting).
 """
 import sys
 import time
@@ -41,14 +42,15 @@ def sdclip(attn_bits, mlp_bits, scaled):
 
 
 AWQ, LQER, PERGROUP = dict(awq_group=64), dict(lqer_rank=4, lqer_top_k=3, lqer_bits=4), dict(compressor="pergroup")
+INT4, INT5, INT6 = (overrides for overrides, _, _ in GRIDS.values())
 VARIANTS = {  # name: Hyperparameters attributes that differ from the defaults (zstd, clip search)
-    "rtn int6 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=GRIDS["int6"][0]),
-    "rtn int6 + clip search": dict(quant_method="rtn", quant_overrides=GRIDS["int6"][0]),
-    "rtn int5 MLP / int6 attn + clip search": dict(quant_method="rtn", quant_overrides=GRIDS["int5 MLP / int6 attn"][0]),
+    "rtn int6 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=INT6),
+    "rtn int6 + clip search": dict(quant_method="rtn", quant_overrides=INT6),
+    "rtn int5 MLP / int6 attn + clip search": dict(quant_method="rtn", quant_overrides=INT5),
     # int4 stresses the rounding method where int6 on a briefly trained model cannot tell them apart.
-    "rtn int4 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=GRIDS["int4"][0]),
-    "rtn int4 + clip search": dict(quant_method="rtn", quant_overrides=GRIDS["int4"][0]),
-    "int6 gptq, PRUNE_FRAC=0.05": dict(quant_method="gptq", quant_overrides=GRIDS["int6"][0], prune_frac=0.05),
+    "rtn int4 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=INT4),
+    "rtn int4 + clip search": dict(quant_method="rtn", quant_overrides=INT4),
+    "int6 gptq, PRUNE_FRAC=0.05": dict(quant_method="gptq", quant_overrides=INT6, prune_frac=0.05),
 }
 for grid, (overrides, ab, mb) in GRIDS.items():
     rows = {"": {}, " + SDClip (k scaled)": sdclip(ab, mb, True), " + SDClip (k kept)": sdclip(ab, mb, False),
@@ -78,7 +80,7 @@ def main():
     only = sys.argv[3] if len(sys.argv) > 3 else ""  # run only the variants whose name contains this
     device = torch.device("cpu")
     luts = tg.load_tokenizer_tables(args, device, print)  # tables, or a CaseOps byte sidecar
-    val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)[:val_tokens_n + 1]
+    val = tg.load_validation_tokens(args.val_files, args.vocab_size)[:val_tokens_n + 1]
     luts = luts[:val.numel()] if isinstance(luts, torch.Tensor) else luts
     model = tg.GPT(args)
     state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -93,7 +95,7 @@ def main():
     keys = {k for settings in VARIANTS.values() for k in settings}
     defaults = {k: getattr(args, k) for k in keys}
     t, embed_gptq = time.perf_counter(), args.embed_gptq
-    args.quant_overrides, args.embed_gptq = GRIDS["int6"][0], True  # every block matrix, and the tied head
+    args.quant_overrides, args.embed_gptq = INT6, True  # every block matrix, and the tied head
     hessians = tg.collect_hessians(model, batches, args, device, 1)
     gptq_hessians = {k: H for k, H in hessians.items() if k != "tok_emb" or embed_gptq}  # as train_gpt.py
     print(f"checkpoint {checkpoint}: pre-quant val_bpb {base_bpb:.4f} on {val_tokens_n:,} val tokens; "
@@ -120,7 +122,7 @@ def main():
             errors[name] = relative_errors(state, restored, hessians)
             model.load_state_dict(state)
         note = "" if name in errors else " (weights above)"
-        print(f"| {name} | {len(blob):,} | {bpb:.4f}{note} | {bpb - base_bpb:+.4f} | {seconds:.1f} s |", flush=True)
+        print(f"| {name} | {len(blob):,} | {bpb:.4f}{note} | {bpb - base_bpb:+.5f} | {seconds:.1f} s |", flush=True)
     print("\nHessian-weighted relative error sum tr(E H E^T) / sum tr(W H W^T), E = W - W_hat:\n")
     print("| export | attn | mlp | embed |\n|---|---:|---:|---:|")
     for name, err in errors.items():
