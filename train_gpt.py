@@ -723,7 +723,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(T, x.device)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        # FlashAttention needs bf16/fp16: undo any promotion to fp32.
+        # FlashAttention needs bf16/fp16: undo a promotion to fp32.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -871,8 +871,8 @@ class GPT(nn.Module):
 # -----------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
-ISOLATED_MODES = ("lora",)  # no information crosses a document start
-AUDIT_PROBES = 4  # random projections of an audited distribution
+ISOLATED_MODES = ("lora",)  # nothing crosses a document start
+AUDIT_PROBES = 4  # projections of an audited distribution
 AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
 
 
@@ -1050,7 +1050,7 @@ def eval_ttt(ev, tokens, sheet):
 
 
 def doc_spans(tokens):
-    """Documents as target ranges [start, end): a BOS to the next."""
+    """Documents as target ranges [start, end), BOS to BOS."""
     starts = np.union1d(0, np.flatnonzero(tokens[:-1].numpy() == BOS_ID))  # and one at 0
     return starts, np.append(starts[1:], tokens.numel() - 1)
 
@@ -1250,7 +1250,7 @@ def random_documents(min_tokens, min_docs, args, g):
 
 
 def gap(a, b):
-    """Largest |a - b|; inf for a NaN or an inf (every check fails)."""
+    """Largest |a - b|; inf for a NaN or inf (every check fails)."""
     d = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     return d if math.isfinite(d) else math.inf
 
@@ -1485,8 +1485,8 @@ def add_lqer(qstate, state, args, hessians):
     (Hessian-weighted) error per byte."""
     gains = []
     for name, e in qstate.items():
-        if not e["bits"]:
-            continue
+        if not e["bits"] or (hessians and name.removesuffix(".weight") not in hessians):
+            continue  # GPTQ's matrices only: one error unit
         W = state[name].detach().float().cpu()
         E = W - dequantize_entry(e)
         U, S, Vh = torch.linalg.svd(E, full_matrices=False)
@@ -1494,8 +1494,7 @@ def add_lqer(qstate, state, args, hessians):
         a, a_s = quantize_per_row(U[:, :r] * S[:r], args.lqer_bits)
         b, b_s = quantize_per_row(Vh[:r], args.lqer_bits)
         fix = dict(lqer=[r, args.lqer_bits], lqer_a=a, lqer_as=a_s, lqer_b=b, lqer_bs=b_s)
-        H = hessians.get(name.removesuffix(".weight"))
-        H = torch.eye(W.size(1)) if H is None else H.float().cpu()
+        H = hessians[name.removesuffix(".weight")].float().cpu() if hessians else torch.eye(W.size(1))
         err = lambda X: float(((X @ H) * X).sum())  # noqa: E731 (output error)
         nbytes = (a.numel() + b.numel()) * args.lqer_bits / 8 + 2 * (r + W.size(0))
         gains.append(((err(E) - err(E - low_rank(fix))) / nbytes, name, fix))
@@ -1712,7 +1711,7 @@ FIT_SEARCH_STEPS = 7  # bisection: within 1/128 of the range
 
 
 def build_artifact(qstate, args, code_bytes, log):
-    """(artifact, its state) at PRUNE_FRAC, or at the least pruning that fits the cap."""
+    """(artifact, state) at PRUNE_FRAC, or at the least pruning that fits."""
     def make(frac):
         pruned = prune_quantized(qstate, frac)
         data = compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level)
@@ -1786,7 +1785,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1, then linear to 0 at ITERATIONS or at the cap (paced by the mean step time)."""
+    """1, then linear to 0 at ITERATIONS or at the cap (paced by the mean step)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1803,7 +1802,7 @@ def seq_len_schedule(args):
 
 
 def graph_variants(args):
-    """Every (loop passes, training length): a compiled graph each, primed in warm-up."""
+    """Every (loop passes, training length): a graph each, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
@@ -1858,7 +1857,7 @@ class WeightAverager:
 
 
 class Logger:
-    """Each line to logs/<RUN_ID>.txt at once (nothing lost on a crash); rank 0."""
+    """Each line to logs/<RUN_ID>.txt at once (kept on a crash); rank 0."""
 
     path = None
 
@@ -1922,7 +1921,7 @@ class Trainer:
         return loss
 
     def warmup(self):
-        """Compile and prime every path, then restore weights, optimizers and data."""
+        """Compile and prime every path, then restore the weights, optimizers, data."""
         if self.args.warmup_steps <= 0:
             return
         init_model = copy.deepcopy(self.base_model.state_dict())
@@ -2037,7 +2036,7 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     def act_on(self, done_step, flags, step, stop_after_step):
-        """[loss sum, ranks at the cap, ranks signalled] -> the step to stop after."""
+        """[loss sum, ranks at the cap, ranks signalled] -> step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
             self.log(f"error: non-finite training loss ({loss}) at step {done_step}: lower MATRIX_LR, SCALAR_LR, "
