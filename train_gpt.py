@@ -1334,10 +1334,6 @@ def quant_overrides(args):
     return out
 
 
-def tensor_role(name):
-    return re.sub(r"\.\d+\.", ".", name)  # one name for a matrix of every layer
-
-
 def tensor_class(name):
     return "embed" if name in EMBED_NAMES else "mlp" if ".mlp." in name else "attn"
 
@@ -1540,7 +1536,7 @@ def shuffle_bytes(raw, itemsize, undo=False):
 
 def serialize_quantized(qstate):
     arrays = [(name, key, t) for name, e in qstate.items() for key, t in e.items() if isinstance(t, Tensor)]
-    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1], tensor_role(a[0])))  # int8, fp16 scales, the rest
+    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
     header = {n: {k: v for k, v in e.items() if not isinstance(v, Tensor)} | {"arrays": {}} for n, e in qstate.items()}
     chunks, offset = [], 0
     for name, key, t in arrays:
@@ -1638,10 +1634,10 @@ def _codecs():
 
 
 def section_cuts(blob):
-    """Cuts of a blob: after the header, and where the arrays' key or tensor role changes."""
+    """Cuts of a blob: after the header, and where the arrays' key changes (q, scale, lqer_a, ...)."""
     start = 8 + struct.unpack("<I", blob[4:8])[0]
-    arrays = sorted((a["offset"], a["dtype"], key, tensor_role(n))
-                    for n, t in json.loads(blob[8:start])["tensors"].items() for key, a in t["arrays"].items())
+    arrays = sorted((a["offset"], a["dtype"], key) for t in json.loads(blob[8:start])["tensors"].values()
+                    for key, a in t["arrays"].items())
     return [0, start] + [start + a[0] for a, b in zip(arrays[1:], arrays) if a[1:] != b[1:]] + [len(blob)]
 
 

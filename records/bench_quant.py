@@ -54,7 +54,7 @@ VARIANTS = {  # name: Hyperparameters attributes that differ from the defaults (
 }
 for grid, (overrides, ab, mb) in GRIDS.items():
     rows = {"": {}, " + SDClip (k scaled)": sdclip(ab, mb, True), " + SDClip (k kept)": sdclip(ab, mb, False),
-            " + AWQ-lite 64": AWQ, " + LQER r4 top3 int4": LQER, " + pergroup codec": PERGROUP,
+            " + AWQ-lite 64": AWQ, " + AWQ-lite 16": dict(awq_group=16), " + LQER r4 top3 int4": LQER, " + pergroup codec": PERGROUP,
             " + all (SDClip k scaled, AWQ, LQER, pergroup)": sdclip(ab, mb, True) | AWQ | LQER | PERGROUP}
     if (ab, mb) == (6, 6):
         rows = {n.replace(" (k scaled)", ""): s for n, s in rows.items() if "k kept" not in n}
