@@ -59,6 +59,11 @@ for grid, (overrides, ab, mb) in GRIDS.items():
     if (ab, mb) == (6, 6):
         rows = {n.replace(" (k scaled)", ""): s for n, s in rows.items() if "k kept" not in n}
     VARIANTS |= {f"gptq {grid}{n}": dict(quant_method="gptq", quant_overrides=overrides) | s for n, s in rows.items()}
+# SDClip on the matrices alone (embeddings keep the search) at smaller k: where does it keep today's gap?
+VARIANTS |= {f"sweep: gptq int5 MLP / int6 attn + SDClip k={k} on the matrices": dict(
+    quant_method="gptq", quant_overrides=INT5, attn_clip_sigmas=k, mlp_clip_sigmas=k) for k in (3.0, 4.0, 5.0, 6.0)}
+VARIANTS["sweep: gptq int5 MLP / int6 attn + LQER r4 top3 int4 + pergroup codec"] = dict(
+    quant_method="gptq", quant_overrides=INT5) | LQER | PERGROUP
 
 
 def relative_errors(state, restored, hessians):
