@@ -478,3 +478,39 @@ def test_bench_step_runs_and_reports(tmp_path):
     assert res["ms_per_step"] > 0 and 0 < res["mfu"] < 1 and res["tokens_per_s"] == pytest.approx(4096 / res["ms_per_step"] * 1000)
     assert res["sliding_eval_tokens"] == 2048 and res["export_bytes"] > 0 and len(res["phase_ms"]) == 3
     assert "ms/step" in out.stdout and "MFU" in out.stdout
+
+
+def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
+    """Each row: projected = s/target x N / G (as printed, within rounding); the total sums rows and audits."""
+    sample = build_sample(tmp_path / "sample", vocab_size=512, train_tokens=30_000, val_docs=4)
+    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
+    env.update(SMOKE="1", DATA_PATH=str(sample[0]), TOKENIZER_PATH=str(sample[1]), OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "m.pt"
+    subprocess.run([sys.executable, "-c", "import sys, torch, train_gpt as tg; "
+                    "torch.save(tg.GPT(tg.Hyperparameters()).state_dict(), sys.argv[1])", str(ckpt)],
+                   cwd=ROOT, env=env, check=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_eval.py"), str(ckpt), "--val-tokens", "2048",
+                          "--modes", "roundtrip,sliding_window", "--project-tokens", "1000000", "--project-gpus", "4", "--audit"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Projection for THIS device (cpu" in out.stdout
+    assert re.search(r"^roundtrip: [\d,]+ windows computed for [\d,]+ ", out.stdout, re.M)  # 2,048 targets: one padded batch
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| ") and line.count("|") == 7 and " s/target " not in line]
+    assert [r[0] for r in rows] == ["roundtrip", "roundtrip+ngram (mixture only)", "sliding_window",
+                                    "sliding_window+ngram (mixture only)"]
+    total = 0.0
+    for _, measured, targets, per, projected, audit in rows:
+        assert targets == "2,048" and audit.endswith(" s")
+        per, projected = float(per), float(projected.removesuffix(" s"))
+        # Printed rounded: measured to .2f, s/target to 4 digits, projected and audit to .1f.
+        assert abs(per - float(measured.removesuffix(" s")) / 2048) <= 2.5e-6 + 6e-4 * per
+        assert abs(projected - per * 1_000_000 / 4) <= 0.051 + 6e-4 * projected
+        total += projected + float(audit.removesuffix(" s"))
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"total projected ([\d.]+) s \(every row, audits included\) against the 600 s evaluation budget: "
+                     r"(under|OVER) by ([\d.]+) s", last)
+    assert m, last
+    assert float(m[1]) == pytest.approx(total, abs=0.05 * (2 * len(rows) + 1))
+    assert float(m[3]) == pytest.approx(abs(600 - float(m[1])), abs=0.1)
+    assert m[2] == ("under" if float(m[1]) <= 600 else "OVER")
