@@ -636,6 +636,7 @@ def prepare_qat(model, args):
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
             m.qat_bits, m.qat_delta = bits, torch.zeros_like(m.weight)
+            m.qat_sigmas = getattr(args, tensor_class(name + ".weight") + "_clip_sigmas")  # as exported
             layers.append(m)
     return layers
 
@@ -643,7 +644,7 @@ def prepare_qat(model, args):
 @torch.no_grad()
 def refresh_qat(layers, ratios):
     for m in layers:
-        m.qat_delta.copy_(fake_quantize(m.weight, m.qat_bits, ratios) - m.weight)
+        m.qat_delta.copy_(fake_quantize(m.weight, m.qat_bits, ratios, m.qat_sigmas) - m.weight)
 
 
 ATTN_IMPL = {"fn": None}  # FlashAttention's function; None: SDPA
@@ -1376,8 +1377,8 @@ def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
-def fake_quantize(w, bits, ratios):
-    q, scale = quantize_per_row(w, bits, ratios)
+def fake_quantize(w, bits, ratios, sigmas=0.0):
+    q, scale = quantize_per_row(w, bits, ratios, sigmas)
     return q.float() * scale.float()[:, None]
 
 
@@ -1575,7 +1576,6 @@ def int_field(name, key, value, n, ok):
 
 
 def check_grid(name, q, scale, bits, rows, cols=None):
-    """q: int8 (rows, cols) within int`bits`; scale: fp16 (rows,)."""
     if q.dtype != torch.int8 or q.ndim != 2 or len(q) != rows or cols not in (None, q.shape[1]) \
             or scale.dtype != torch.float16 or scale.shape != (rows,):
         raise DataError(f"artifact tensor {name}: int8 q ({rows}, {cols or 'cols'}) and fp16 scale ({rows},) expected")

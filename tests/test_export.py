@@ -413,3 +413,19 @@ def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path)
     assert "step:" not in again.stdout and "eval_only: final_model.int6.ptz" in again.stdout
     assert re.search(rf"^{key} .*$", again.stdout, re.M).group(0) == line
     assert final_value(again.stdout, key) == final_value(out.stdout, key)
+
+
+def test_late_qat_fake_quantizes_like_the_export_with_sdclip():
+    """One quantizer: with MLP_CLIP_SIGMAS the QAT weights are the round-to-nearest export's, bit for bit."""
+    args = export_args(mlp_clip_sigmas=3.0, attn_clip_sigmas=0.0, awq_group=0, lqer_rank=0, quant_method="rtn")
+    model = tg.GPT(args)
+    layers = tg.prepare_qat(model, args)
+    tg.refresh_qat(layers, tg.clip_ratios(args))
+    exported = tg.dequantize_state_dict(tg.quantize_state_dict(model.state_dict(), args))
+    checked = 0
+    for name, m in model.named_modules():
+        if m in layers:
+            assert m.qat_sigmas == (3.0 if ".mlp." in name else 0.0), name
+            assert torch.equal(m.weight + m.qat_delta, exported[name + ".weight"]), name
+            checked += 1
+    assert checked and any(m.qat_sigmas for m in layers)
