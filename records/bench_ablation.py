@@ -80,15 +80,15 @@ def read_run(log: Path) -> dict | None:
 def table(out: Path, seeds: list[int]) -> str:
     rows = ["| arm | settings | " + " | ".join(f"round trip s{s}" for s in seeds) + " | mean | vs seeds | pre-quant "
             "(first seed) | model bytes | ms/step |", "|---|---|" + "---:|" * (len(seeds) + 5)]
-    base = None
+    base = [read_run(out / f"seeds_s{s}" / "out.txt") for s in seeds]
     for arm in ARMS:
         runs = [read_run(out / f"{arm}_s{s}" / "out.txt") for s in seeds]
         done = [r for r in runs if r]
         if not done:
             continue
         mean = sum(r["rt"] for r in done) / len(done)
-        base = mean if arm == "seeds" else base
-        delta = f"{mean - base:+.4f}" if base is not None and arm != "seeds" else ""
+        both = [(r["rt"], b["rt"]) for r, b in zip(runs, base) if r and b]  # vs seeds on the seeds both have
+        delta = f"{sum(r - b for r, b in both) / len(both):+.4f}" if both and arm != "seeds" else ""
         cells = " | ".join(f"{r['rt']:.4f}" if r else "" for r in runs)
         rows.append(f"| {arm} | `{ARMS[arm]}` | {cells} | {mean:.4f} | {delta} | {done[0]['pre']} | "
                     f"{done[0]['bytes']:,} | {done[0]['ms']:.0f} |")
