@@ -1619,7 +1619,7 @@ def parse_tensor_entry(name, entry, payload):
     return e
 
 
-def _codecs():
+def whole_blob_codecs():
     import lzma
     import zstandard
     codecs = {"zstd": (1, lambda b, lvl: zstandard.ZstdCompressor(level=lvl).compress(b),
@@ -1630,7 +1630,11 @@ def _codecs():
         codecs["brotli"] = (3, lambda b, lvl: brotli.compress(b, quality=11), brotli.decompress)
     except ImportError:
         pass
-    return codecs | {"pergroup": (4, compress_sections, decompress_sections)}
+    return codecs
+
+
+def _codecs():
+    return whole_blob_codecs() | {"pergroup": (4, compress_sections, decompress_sections)}
 
 
 def section_cuts(blob):
@@ -1643,7 +1647,7 @@ def section_cuts(blob):
 
 def compress_sections(blob, level):
     """COMPRESSOR=pergroup: each section by its best codec (0: stored) as [id, u32 size, bytes]."""
-    codecs = [(0, lambda b, lvl: b)] + [(cid, c) for cid, c, _ in list(_codecs().values())[:-1]]
+    codecs = [(0, lambda b, lvl: b)] + [(cid, c) for cid, c, _ in whole_blob_codecs().values()]
     cuts, out = section_cuts(blob), []
     for a, b in zip(cuts, cuts[1:]):
         cid, z = min(((cid, c(blob[a:b], level)) for cid, c in codecs), key=lambda x: len(x[1]))
@@ -1652,7 +1656,7 @@ def compress_sections(blob, level):
 
 
 def decompress_sections(body):
-    codecs, out, i = {cid: d for cid, _, d in list(_codecs().values())[:-1]} | {0: bytes}, [], 0
+    codecs, out, i = {cid: d for cid, _, d in whole_blob_codecs().values()} | {0: bytes}, [], 0
     while i < len(body):
         cid, n = struct.unpack_from("<BI", body, i)
         if cid not in codecs or i + 5 + n > len(body):
