@@ -203,6 +203,17 @@ class Hyperparameters:
     ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, ">= 1")
     env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), ">= 1")  # a chunk has >= 3/4 window of context
     env("TTT_LORA_BATCH", S(64, 8), ">= 1")
+    env("TTT_LORA_TARGETS", "q,v,head")  # of q, k, v, o, mlp, head
+    env("TTT_SHORT_CHUNKS", "")  # "256:8,2000:24": documents of up to 256 tokens in chunks of 8, ...
+    env("TTT_ASYM_SOFTCAP", False)
+    env("PHASED_TTT_PREFIX_DOCS", S(2000, 8), ">= 1")
+    env("PHASED_TTT_NUM_PHASES", 3, ">= 1")
+    env("TTT_LOCAL_LR_MULT", 1.0, ">= 0")
+    env("TTT_WARM_START_A", False)
+    env("TILT_ORDERS", "16")
+    env("TILT_MIN_COUNT", 2, ">= 1")
+    env("TILT_THRESHOLD", 0.8, "> 0")
+    env("TILT_BOOST", 2.625, ">= 0")
     env("NGRAM_ORDER", 4)
     env("NGRAM_BUCKETS", S(65536, 4096), ">= 1")
     env("NGRAM_PRIOR", 3.0, "> 0")
@@ -339,11 +350,20 @@ def validate_config(args, world_size, grad_accum_steps):
     if args.resume and not os.path.isdir(args.resume):
         err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
-    if not modes or any(m.partition("+")[0] not in NETWORK_MODES or m.partition("+")[2] not in ("", "ngram")
-                        for m in modes):
-        err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +ngram")
-    if any(m.startswith("lora") for m in modes) and args.ttt_lora_chunk > args.ttt_lora_seq_len:
-        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} must be <= TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}")
+    parts = [m.split("+") for m in modes]
+    if not modes or any(p[0] not in NETWORK_MODES or len(set(p[1:])) < len(p) - 1 or not set(p[1:]) <= set(MIXTURES)
+                        for p in parts):
+        err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +tilt, +ngram")
+    try:
+        chunks = short_chunks(args) + [(0, args.ttt_lora_chunk)]
+        orders = [int(o) for o in args.tilt_orders.split(",")]
+        if not all(0 < c <= args.ttt_lora_seq_len for _, c in chunks) or not all(0 < o <= 64 for o in orders):
+            raise ValueError
+    except ValueError:
+        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} and TTT_SHORT_CHUNKS={args.ttt_short_chunks} (LEN:CHUNK,...) "
+                   f"need chunks in 1..TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}; TILT_ORDERS={args.tilt_orders}: 1..64")
+    if not args.ttt_lora_targets or not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
+        err.append(f"TTT_LORA_TARGETS={args.ttt_lora_targets} must be some of {', '.join(LORA_SITES)}, head")
     if args.ttt_freeze_blocks > args.num_layers:
         err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
@@ -822,6 +842,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
+        self.register_parameter("asym_softcap", None)  # TTT_ASYM_SOFTCAP: (positive, negative) caps in TTT
         self.loop_range = loop_range(args)
         self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: a graph per value
         if args.tie_embeddings:
@@ -857,7 +878,8 @@ class GPT(nn.Module):
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if head_delta is not None:
             logits = logits + head_delta(x)
-        return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
+        cap = self.logit_softcap if self.asym_softcap is None else torch.where(logits > 0, *self.asym_softcap)
+        return cap * torch.tanh(logits.float() / cap)
 
     def forward(self, ids, targets=None):
         logits = self.logits(ids)
@@ -871,7 +893,8 @@ class GPT(nn.Module):
 # The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
 # -----------------------------
 
-NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora")
+NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora", "phased")
+MIXTURES = ("tilt", "ngram")  # MODE+tilt, MODE+ngram, MODE+tilt+ngram
 ISOLATED_MODES = ("lora",)  # nothing crosses a document start
 AUDIT_PROBES = 4  # projections of an audited distribution
 AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
@@ -891,6 +914,7 @@ class Evaluation:
     rank: int = 0
     world_size: int = 1
     log: object = print
+    val_targets: int = 0
 
     def share(self, items):  # this rank's contiguous part
         n = len(items)
@@ -903,19 +927,26 @@ def audit_probes(vocab, device):
 
 
 class ScoreSheet:
-    """Per target: loss, entropy, hits; for an audit the distribution's fingerprint, its loss, the normalization."""
+    """Per target: loss, entropy, hits; for an audit the distribution's fingerprint, its loss, the normalization.
+    `used` marks targets an update has trained on: scoring one after that is score-adapt-rescore."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
         self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
         self.row_nats = torch.zeros(total, device=device) if audit else None
-        self.norm_err = torch.zeros((), device=device)
-        self.net_nats = self.nats  # kept when a mixture replaces `nats`
+        self.norm_err, self.late = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.used = torch.zeros(total, dtype=torch.bool, device=device)
+        self.net_nats, self.hint = self.nats, None  # `nats` before a mixture; the tilt's hinted tokens
 
     @torch.no_grad()
     def record(self, pos, logits, y):
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        if self.hint is not None:  # the tilt: p(a) exp(boost [a = hint]) / Z, over the whole vocabulary
+            h = self.hint[pos]
+            logits = logits.scatter_add(1, h.clamp(min=0)[:, None], self.boost * (h >= 0).float()[:, None])
+        self.late += self.used[pos].sum()
+        logp = F.log_softmax(logits, dim=-1)
         nats = -logp.gather(1, y[:, None]).squeeze(1)
         self.nats.index_add_(0, pos, nats)
         self.ent.index_add_(0, pos, -(logp.exp() * logp).sum(1))
@@ -925,7 +956,7 @@ class ScoreSheet:
             self.row_nats.index_add_(0, pos, nats)
             self.norm_err = torch.maximum(self.norm_err, logp.logsumexp(1).abs().max())
 
-    def reduce(self, names=("nats", "ent", "hits", "fp", "row_nats")):
+    def reduce(self, names=("nats", "ent", "hits", "fp", "row_nats", "late")):
         if dist.is_initialized():
             for t in (getattr(self, k) for k in names):
                 if t is not None:
@@ -938,6 +969,8 @@ class ScoreSheet:
         if len(bad):
             raise EvalError(f"{len(bad)} of {self.hits.numel()} targets not scored exactly once "
                             f"(target {int(bad[0])} scored {int(self.hits[bad[0]])} times)")
+        if self.late:
+            raise EvalError(f"{int(self.late)} targets scored after an update that trained on them (not one pass)")
 
     def result(self, tokens, luts):
         self.check_once()
@@ -992,62 +1025,86 @@ class Budget:
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
         return self.seconds <= 0 or time.perf_counter() - self.t0 + 1.2 * rest + self.step_s < self.seconds
 
-    def report(self, ev, mode, what):
+    def agree(self, ev, frac_scored):
+        """adapt_ok on every rank (all stop at the same step), and never again after a stop."""
+        ok = torch.tensor(float(not self.skipped and self.adapt_ok(frac_scored)), device=ev.device)
+        if ev.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        self.skipped += not ok.item()
+        return bool(ok.item())
+
+    def report(self, ev, mode):
         if self.skipped:
-            ev.log(f"{mode}:budget TTT_MAX_SECONDS={self.seconds:.0f} reached on rank {ev.rank}: {self.skipped} {what} "
-                   "not adapted to")
+            ev.log(f"{mode}:budget TTT_MAX_SECONDS={self.seconds:.0f} reached on rank {ev.rank}: {self.skipped} "
+                   "adaptation steps skipped")
 
 
-def eval_ttt(ev, tokens, sheet):
-    """Score-first chunked TTT: each chunk scored, then trained on."""
-    args, model, device, world_size = ev.args, ev.base_model, ev.device, ev.world_size
-    total, C = tokens.numel() - 1, args.ttt_chunk_tokens
-    seq_len = min(args.eval_seq_len, total)
-    starts, score_from = window_plan(total, seq_len, args.eval_stride)
-    n_chunks, chunk_of = -(-total // C), score_from // C
+def ttt_parameters(model, args):
+    """What the SGD of `ttt` and `phased` adapts: all but the first TTT_FREEZE_BLOCKS blocks."""
     model.requires_grad_(True)
     for blk in model.blocks[:args.ttt_freeze_blocks]:
         blk.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def sgd_on_scored(ev, opt, params, tokens, lo, hi, lr, sheet):
+    """TTT_EPOCHS of SGD at `lr` on the windows ending by target hi from about lo (all scored, now marked used),
+    TTT_BATCH_SEQS a rank a step, gradients summed over the ranks."""
+    args, device, world_size = ev.args, ev.device, ev.world_size
+    n_tok, B = min(args.eval_seq_len, hi), args.ttt_batch_seqs * world_size
+    seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
+    sheet.used[seq_starts[0]:hi] = True
+    for g in opt.param_groups:
+        g["lr"] = lr
+    for _ in range(args.ttt_epochs):
+        for i in range(0, len(seq_starts), B):
+            s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
+            opt.zero_grad(set_to_none=False)
+            if len(s):
+                win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
+                with autocast_ctx(device):
+                    loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (min(B, len(seq_starts) - i) * n_tok)
+                loss.backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if world_size > 1:
+                    dist.all_reduce(p.grad)
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            opt.step()
+
+
+def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
+    """Chunk by chunk over targets [0, end), cosine-decayed TTT_LR (phased TTT's global phase)."""
+    if budget.agree(ev, frac_scored):
+        t, args, C = time.perf_counter(), ev.args, ev.args.ttt_chunk_tokens
+        params = ttt_parameters(ev.base_model, args)
+        opt, n = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum), -(-end // C)
+        for c in range(n):
+            lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
+            sgd_on_scored(ev, opt, params, tokens, c * C, min((c + 1) * C, end), lr, sheet)
+        budget.step_s = time.perf_counter() - t
+        ev.base_model.requires_grad_(False)
+
+
+def eval_ttt(ev, tokens, sheet, budget):
+    """Score-first chunked TTT: each chunk scored, then trained on."""
+    args, total, C = ev.args, tokens.numel() - 1, ev.args.ttt_chunk_tokens
+    seq_len = min(args.eval_seq_len, total)
+    starts, score_from = window_plan(total, seq_len, args.eval_stride)
+    n_chunks, chunk_of = -(-total // C), score_from // C
+    params = ttt_parameters(ev.base_model, args)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    budget, B = Budget(args.ttt_max_seconds), args.ttt_batch_seqs * world_size
     for c in range(n_chunks):
         t = time.perf_counter()
         sel = ev.share(np.flatnonzero(chunk_of == c))
         score_windows(ev, tokens, starts[sel], score_from[sel], seq_len, sheet)
         budget.score_s += time.perf_counter() - t
-        if c == n_chunks - 1:
-            break
-        ok = torch.tensor(float(not budget.skipped and budget.adapt_ok((c + 1) / n_chunks)), device=device)
-        if world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks stop at the same chunk
-        if not ok.item():  # and never again
-            budget.skipped += 1
-            continue
-        t, hi = time.perf_counter(), (c + 1) * C  # all targets before hi: scored already
-        n_tok = min(seq_len, hi)
-        seq_starts = np.unique(np.append(np.arange(c * C, hi - n_tok + 1, n_tok), hi - n_tok))
-        for g in opt.param_groups:
-            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        for _ in range(args.ttt_epochs):
-            for i in range(0, len(seq_starts), B):  # B sequences a step, dealt out to the ranks
-                s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
-                opt.zero_grad(set_to_none=False)
-                if len(s):
-                    win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
-                    with autocast_ctx(device):
-                        loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (min(B, len(seq_starts) - i) * n_tok)
-                    loss.backward()
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    if world_size > 1:
-                        dist.all_reduce(p.grad)
-                if args.ttt_grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
-                opt.step()
-        budget.step_s = time.perf_counter() - t
-    budget.report(ev, "ttt", f"of {n_chunks - 1} chunks")
+        if c < n_chunks - 1 and budget.agree(ev, (c + 1) / n_chunks):
+            t, lr = time.perf_counter(), args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            sgd_on_scored(ev, opt, params, tokens, c * C, (c + 1) * C, lr, sheet)
+            budget.step_s = time.perf_counter() - t
 
 
 def doc_spans(tokens):
@@ -1056,17 +1113,25 @@ def doc_spans(tokens):
     return starts, np.append(starts[1:], tokens.numel() - 1)
 
 
-class DocLoRA(nn.Module):
-    """Per-document rank-r adapters on every Q, V and the head; B starts at 0."""
+LORA_SITES = dict(q=lambda b: b.attn.c_q, k=lambda b: b.attn.c_k, v=lambda b: b.attn.c_v, o=lambda b: b.attn.proj,
+                  mlp=lambda b: b.mlp)
 
-    def __init__(self, model, n_docs, rank, device):
+
+class DocLoRA(nn.Module):
+    """Per-document rank-r adapters on TTT_LORA_TARGETS (`mlp`: beside the MLP, from its input); B starts at 0 and
+    A the same for all (seeded, or phased's warm start): scores independent of batching."""
+
+    def __init__(self, model, n_docs, args, device, warm_a=None):
         super().__init__()
-        self.targets = [m for blk in model.blocks for m in (blk.attn.c_q, blk.attn.c_v)]
-        shapes = [(m.in_features, m.out_features) for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])]
-        g = torch.Generator().manual_seed(0)  # one start for all: scores independent of batching
-        self.A = nn.ParameterList((torch.randn(1, i, rank, generator=g) / math.sqrt(i)).repeat(n_docs, 1, 1).to(device)
-                                  for i, _ in shapes)
-        self.B = nn.ParameterList(torch.zeros(n_docs, rank, o, device=device) for _, o in shapes)
+        names = args.ttt_lora_targets.split(",")
+        self.targets = [LORA_SITES[n](blk) for blk in model.blocks for n in names if n != "head"]
+        dims = [(m.fc.in_features, m.proj.out_features) if isinstance(m, MLP) else (m.in_features, m.out_features)
+                for m in self.targets] + [tuple(model.tok_emb.weight.shape[::-1])] * ("head" in names)
+        g, r = torch.Generator().manual_seed(0), args.ttt_lora_rank
+        warm_a = warm_a or [torch.randn(1, i, r, generator=g) / math.sqrt(i) for i, _ in dims]
+        self.A = nn.ParameterList(a.repeat(n_docs, 1, 1).to(device) for a in warm_a)
+        self.B = nn.ParameterList(torch.zeros(n_docs, r, o, device=device) for _, o in dims)
+        self.head = (lambda x: self.delta(len(self.targets), x)) if "head" in names else None
 
     def delta(self, k, x):
         return (x @ self.A[k].to(x.dtype)) @ self.B[k].to(x.dtype)
@@ -1075,44 +1140,51 @@ class DocLoRA(nn.Module):
         return [m.register_forward_hook(lambda mod, inp, out, k=k: out + self.delta(k, inp[0]))
                 for k, m in enumerate(self.targets)]
 
-    def head(self, x):
-        return self.delta(len(self.targets), x)
+
+def short_chunks(args):
+    return sorted(tuple(map(int, x.split(":"))) for x in args.ttt_short_chunks.split(",") if x.strip())
 
 
-def eval_lora(ev, tokens, sheet):
-    """Per-document score-first LoRA TTT; eager: the hooks change the graph."""
+def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, frac=(0.0, 1.0)):
+    """Per-document score-first LoRA TTT of `docs` (all), dealt to the ranks longest first; eager: the hooks
+    change the graph. Returns the sum of the documents' last A; `frac`: of all targets, scored before and after."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
+    docs = np.arange(len(starts)) if docs is None else docs
     lens = ends - starts
-    mine = np.argsort(-lens, kind="stable")[ev.rank::ev.world_size]
-    C, L = args.ttt_lora_chunk, args.ttt_lora_seq_len
-    budget, scored_tokens, my_tokens = Budget(args.ttt_max_seconds), 0, max(int(lens[mine].sum()), 1)
+    mine = docs[np.argsort(-lens[docs], kind="stable")][ev.rank::ev.world_size]
+    L, scored_tokens, my_tokens = args.ttt_lora_seq_len, 0, max(int(lens[mine].sum()), 1)
+    a_sum = [a.detach().sum(0, keepdim=True) for a in DocLoRA(model, 0, args, device, warm_a).A]
     model.requires_grad_(False)
     for b in range(0, len(mine), args.ttt_lora_batch):
-        docs = mine[b:b + args.ttt_lora_batch]
-        s0, n = torch.from_numpy(starts[docs]), torch.from_numpy(lens[docs])
-        lora = DocLoRA(model, len(docs), args.ttt_lora_rank, device)
-        opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.9, 0.95))
+        batch = mine[b:b + args.ttt_lora_batch]
+        s0, n = torch.from_numpy(starts[batch]), torch.from_numpy(lens[batch])
+        C = torch.full_like(n, args.ttt_lora_chunk)
+        for most, c in reversed(short_chunks(args)):  # TTT_SHORT_CHUNKS: short documents in smaller chunks
+            C = torch.where(n <= most, c, C)
+        lora = DocLoRA(model, len(batch), args, device, warm_a)
+        opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr * lr_scale, betas=(0.9, 0.95))
         hooks = lora.attach()
-        for i in range(-(-int(n.max()) // C)):
+        for i in range(int((-(-n // C)).max())):
             t = time.perf_counter()
-            q0, qe = i * C, torch.clamp(n, max=(i + 1) * C)  # doc-relative targets [q0, qe)
+            q0, qe = i * C, torch.minimum(n, (i + 1) * C)  # doc-relative targets [q0, qe)
             w0 = torch.clamp(qe - L, min=0)
             q = w0[:, None] + torch.arange(int((qe - w0).max()))
             pos = s0[:, None] + torch.minimum(q, qe[:, None] - 1)
-            x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
-            scored = ((q < qe[:, None]) & (q >= q0)).to(device)
-            train = n > (i + 1) * C  # documents with chunks left to score
-            learn = bool(train.any()) and budget.adapt_ok(scored_tokens / my_tokens)
+            x, y, pos = tokens[pos].to(device), tokens[pos + 1].to(device), pos.to(device)
+            scored = ((q < qe[:, None]) & (q >= q0[:, None])).to(device)
+            train = (n > (i + 1) * C).to(device)  # documents with chunks left to score
+            done = frac[0] + (frac[1] - frac[0]) * scored_tokens / my_tokens
+            learn = bool(train.any()) and budget.adapt_ok(done)
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
-            sheet.record(pos.to(device)[scored], logits[scored].detach(), y[scored])
+            sheet.record(pos[scored], logits[scored].detach(), y[scored])
             budget.score_s += time.perf_counter() - t
             scored_tokens += int(scored.sum())
             if learn:
-                t = time.perf_counter()
+                t, w = time.perf_counter(), scored & train[:, None]
+                sheet.used[pos[w]] = True
                 nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-                w = (scored & train.to(device)[:, None]).float()
                 loss = ((nll * w).sum(1) / w.sum(1).clamp_min(1)).sum()
                 opt.zero_grad()
                 loss.backward()
@@ -1122,7 +1194,29 @@ def eval_lora(ev, tokens, sheet):
                 budget.skipped += int(train.sum())
         for h in hooks:
             h.remove()
-    budget.report(ev, "lora", "document chunks")
+        a_sum = [s + a.detach().sum(0, keepdim=True) for s, a in zip(a_sum, lora.A)]
+    return a_sum
+
+
+def eval_phased(ev, tokens, sheet, budget):
+    """Phased TTT: documents in stream order; after each of PHASED_TTT_NUM_PHASES phases of the first
+    PHASED_TTT_PREFIX_DOCS, SGD on every target scored so far (sgd_on_prefix), then per-document LoRA from the
+    adapted weights at TTT_LOCAL_LR_MULT; a document sees only earlier ones. TTT_WARM_START_A: a phase's
+    documents start A from the mean of the last phase's."""
+    args, (starts, ends) = ev.args, doc_spans(tokens)
+    n_docs, total = len(starts), tokens.numel() - 1
+    prefix, phases = min(args.phased_ttt_prefix_docs, n_docs), args.phased_ttt_num_phases
+    bounds, lo, warm = sorted({prefix * (k + 1) // phases for k in range(phases)} - {0} | {n_docs}), 0, None
+    for hi in bounds:
+        frac = (ends[lo - 1] / total if lo else 0.0, ends[hi - 1] / total)
+        a_sum = eval_lora(ev, tokens, sheet, budget, np.arange(lo, hi), args.ttt_local_lr_mult, warm, frac)
+        if hi < n_docs:
+            if args.ttt_warm_start_a:
+                for a in a_sum if ev.world_size > 1 else ():
+                    dist.all_reduce(a)
+                warm = [a / (hi - lo) for a in a_sum]
+            sgd_on_prefix(ev, tokens, int(ends[hi - 1]), sheet, budget, frac[1])
+        lo = hi
 
 
 class NgramMixer:
@@ -1221,21 +1315,63 @@ def ngram_mix(ev, sheet, tokens):
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
 
+@torch.no_grad()
+def tilt_hints(tokens, args, device):
+    """Per target t, a hinted token or -1: of its contexts of TILT_ORDERS tokens (longest first), the first seen
+    >= TILT_MIN_COUNT times before t whose most frequent next token followed it >= TILT_THRESHOLD of those times.
+    Only targets before t count (prefix-only). Contexts are 64-bit hashes, counted by sorting, not in tables."""
+    u, n, V = tokens.to(device), tokens.numel() - 1, args.vocab_size
+    hint = torch.full((n,), -1, dtype=torch.int64, device=device)
+    for k in sorted({int(o) for o in args.tilt_orders.split(",")}, reverse=True):
+        m = n - k + 1  # targets k-1..n-1 have k tokens of context
+        if m < 2:
+            continue
+        key = torch.zeros(m, dtype=torch.int64, device=device)
+        for i in range(k):
+            key = key * 1000003 + u[i:i + m]  # wraps: a hash
+        order = torch.argsort(key, stable=True)  # by context, then time
+        ks, nxt, idx = key[order], u[k:k + m][order], torch.arange(m, device=device)
+        first = torch.cat((torch.ones(1, dtype=torch.bool, device=device), ks[1:] != ks[:-1]))
+        seen = idx - torch.cummax(torch.where(first, idx, 0), 0).values  # earlier targets in this context
+        by_next = torch.argsort(nxt, stable=True)
+        pair = by_next[torch.argsort(ks[by_next], stable=True)]  # grouped by (context, next token), in time
+        pfirst = torch.cat((first[:1], (ks[pair][1:] != ks[pair][:-1]) | (nxt[pair][1:] != nxt[pair][:-1])))
+        count = torch.empty_like(idx)
+        count[pair] = idx - torch.cummax(torch.where(pfirst, idx, 0), 0).values + 1
+        best, group, d = count * V + nxt, torch.cumsum(first, 0), 1
+        while d < m:  # running max of (count, token) within each context: doubling scan
+            best[d:] = torch.where(group[d:] == group[:-d], torch.maximum(best[d:], best[:-d]), best[d:])
+            d *= 2
+        prev = torch.roll(best, 1)  # the context's best before this target
+        fire = ~first & (seen >= args.tilt_min_count) & (prev // V >= args.tilt_threshold * seen)
+        hk = torch.empty_like(idx)
+        hk[order] = torch.where(fire, prev % V, -1)
+        hint[k - 1:] = torch.where(hint[k - 1:] >= 0, hint[k - 1:], hk)
+    return hint
+
+
 def run_eval_mode(ev, mode, tokens, audit=False):
     """Score `tokens` with a FINAL_EVAL mode; the weights are left as they were."""
-    net, _, mix = mode.partition("+")
-    sheet, model = ScoreSheet(tokens.numel() - 1, ev.device, audit), ev.base_model
-    if net == "ttt":
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        eval_ttt(ev, tokens, sheet)
-        model.load_state_dict(snapshot)
-    elif net == "lora":
-        eval_lora(ev, tokens, sheet)
+    (net, *mix), args, model = mode.split("+"), ev.args, ev.base_model
+    sheet, budget = ScoreSheet(tokens.numel() - 1, ev.device, audit), Budget(args.ttt_max_seconds)
+    if "tilt" in mix:
+        sheet.hint, sheet.boost = tilt_hints(tokens, args, ev.device), args.tilt_boost
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.ttt_asym_softcap and net in ("ttt", "phased"):  # adapted by their SGD from symmetric
+        model.asym_softcap = nn.Parameter(torch.full((2,), args.logit_softcap, device=ev.device))
+    if net in ("roundtrip", "sliding_window"):
+        eval_windows(ev, tokens, sheet, args.eval_seq_len if net == "roundtrip" else args.eval_stride)
     else:
-        eval_windows(ev, tokens, sheet, ev.args.eval_seq_len if net == "roundtrip" else ev.args.eval_stride)
+        dict(ttt=eval_ttt, lora=eval_lora, phased=eval_phased)[net](ev, tokens, sheet, budget)
+    if model.asym_softcap is not None:
+        ev.log(f"{net}:asym_softcap positive:{model.asym_softcap[0]:.4f} negative:{model.asym_softcap[1]:.4f}",
+               console=False)
+        model.asym_softcap = None
+    model.load_state_dict(snapshot)
     model.requires_grad_(True)  # TTT froze some weights, LoRA all
+    budget.report(ev, net)
     sheet.reduce()
-    if mix:
+    if "ngram" in mix:
         ngram_mix(ev, sheet, tokens)
     return sheet
 
@@ -1257,19 +1393,23 @@ def gap(a, b):
 
 
 def audit_eval_mode(mode, run, args, log, world_size=1):
-    """The causality audit (README) of run: tokens -> audit ScoreSheet."""
+    """The causality audit (README) of run: tokens -> audit ScoreSheet. Returns its seconds per target."""
     def scored(tokens, **settings):  # no time budget: scores would depend on the clock
-        saved = {k: getattr(args, k) for k in ("ttt_max_seconds", *settings)}
-        vars(args).update(settings, ttt_max_seconds=0.0)
+        saved = {k: getattr(args, k) for k in ("ttt_max_seconds", "phased_ttt_prefix_docs", *settings)}
+        vars(args).update(dict(phased_ttt_prefix_docs=docs // 2) | settings, ttt_max_seconds=0.0)
         try:
-            return run(tokens)
+            t = time.perf_counter()
+            out = run(tokens)
+            seconds.append((time.perf_counter() - t) / tokens.numel())
+            return out
         finally:
             vars(args).update(saved)
 
-    t0, net = time.perf_counter(), mode.partition("+")[0]
+    t0, net, seconds = time.perf_counter(), mode.partition("+")[0], []
     g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
-    min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "ttt" else 0)
-    tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if isolated else 0, args, g)
+    min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net in ("ttt", "phased") else 0)
+    many = net in ("lora", "phased")  # documents for several batches (phases)
+    tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if many else 0, args, g)
     n, docs = tokens.numel() - 1, int((tokens == BOS_ID).sum())
     t = n // 2
     future = torch.cat((tokens[:t + 1], random_documents(n, 0, args, g)[t + 1:n + 1]))
@@ -1310,7 +1450,8 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         raise EvalError(f"FINAL_EVAL mode {mode} fails the causality audit: " + "; ".join(problems))
     log(f"eval_audit:{mode} ok tokens:{n} docs:{docs} causal_diff:{leak:.1e} noise:{noise:.1e} "
         f"batch_noise:{batch_noise:.1e} loss_diff:{mismatch:.1e} norm_err:{norm:.1e} bos_diff:{isolation} scored_once:ok "
-        f"time:{time.perf_counter() - t0:.1f}s")
+        f"one_pass:ok time:{time.perf_counter() - t0:.1f}s")
+    return min(seconds)
 
 
 # -----------------------------
@@ -2174,7 +2315,7 @@ def main():
         f"warmup_steps:{args.warmup_steps} max_wallclock_seconds:{args.max_wallclock_seconds:.3f}")
     log(f"seed:{args.seed}")
 
-    ev = Evaluation(args, compiled, base_model, device, rank, world_size, log)
+    ev = Evaluation(args, compiled, base_model, device, rank, world_size, log, val_tokens.numel() - 1)
 
     def evaluate(mode, tokens=None, audit=False):
         """(val_loss, val_bpb) on the val set; on other tokens the ScoreSheet."""
@@ -2224,10 +2365,13 @@ def main():
 
 
 def final_evaluation(ev, label, evaluate, pre_quant_bpb):
-    """Every FINAL_EVAL mode, audited first; the greppable final lines."""
+    """Every FINAL_EVAL mode, audited first, and the time each will take at the audit's speed; the final lines."""
     args, log, t0, modes = ev.args, ev.log, time.perf_counter(), final_modes(ev.args)
-    for mode in modes:
-        audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, ev.world_size)
+    plan = {mode: audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, ev.world_size)
+            * ev.val_targets / ev.world_size for mode in modes}
+    total = sum(plan.values()) + time.perf_counter() - t0
+    log("eval_plan: " + " ".join(f"{m}:{s:.0f}s" for m, s in plan.items()) + f" total:{total:.0f}s with the audits"
+        + (" WARNING: over 600s: set TTT_MAX_SECONDS or drop a mode" if total > 600 else ""))
     for mode in modes:
         t = time.perf_counter()
         loss, bpb = evaluate(mode)

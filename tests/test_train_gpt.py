@@ -319,8 +319,10 @@ class CarriedLoRA(tg.DocLoRA):
     """Each batch starts from the adapters the previous batch ended with: a leak across batches."""
     carried = None
 
-    def __init__(self, model, n_docs, rank, device):
-        super().__init__(model, n_docs, rank, device)
+    def __init__(self, model, n_docs, args, device, warm_a=None):
+        super().__init__(model, n_docs, args, device, warm_a)
+        if not n_docs:  # eval_lora's empty one, for the shapes
+            return
         if CarriedLoRA.carried is not None:
             with torch.no_grad():
                 for p, q in zip(self.B, CarriedLoRA.carried):
