@@ -1047,15 +1047,15 @@ def ttt_parameters(model, args):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def sgd_on_scored(ev, opt, params, tokens, lo, hi, lr, sheet):
-    """TTT_EPOCHS of SGD at `lr` on the windows ending by target hi from about lo (all scored, now marked used),
-    TTT_BATCH_SEQS a rank a step, gradients summed over the ranks."""
+def sgd_on_scored(ev, opt, params, tokens, c, n, hi, sheet):
+    """Chunk c of n: TTT_EPOCHS of SGD at TTT_LR cosine-decayed over the chunks, on windows from about chunk c's
+    start to target hi (all scored: now marked used), TTT_BATCH_SEQS a rank a step, gradients summed."""
     args, device, world_size = ev.args, ev.device, ev.world_size
     n_tok, B = min(args.eval_seq_len, hi), args.ttt_batch_seqs * world_size
-    seq_starts = np.unique(np.append(np.arange(lo, hi - n_tok + 1, n_tok), hi - n_tok))
+    seq_starts = np.unique(np.append(np.arange(c * args.ttt_chunk_tokens, hi - n_tok + 1, n_tok), hi - n_tok))
     sheet.used[seq_starts[0]:hi] = True
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
     for _ in range(args.ttt_epochs):
         for i in range(0, len(seq_starts), B):
             s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
@@ -1076,14 +1076,13 @@ def sgd_on_scored(ev, opt, params, tokens, lo, hi, lr, sheet):
 
 
 def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
-    """Chunk by chunk over targets [0, end), cosine-decayed TTT_LR (phased TTT's global phase)."""
+    """Phased TTT's global phase: the `ttt` mode's SGD over targets [0, end), chunk by chunk."""
     if budget.agree(ev, frac_scored):
         t, args, C = time.perf_counter(), ev.args, ev.args.ttt_chunk_tokens
         params = ttt_parameters(ev.base_model, args)
         opt, n = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum), -(-end // C)
         for c in range(n):
-            lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
-            sgd_on_scored(ev, opt, params, tokens, c * C, min((c + 1) * C, end), lr, sheet)
+            sgd_on_scored(ev, opt, params, tokens, c, n, min((c + 1) * C, end), sheet)
         budget.step_s = time.perf_counter() - t
         ev.base_model.requires_grad_(False)
 
@@ -1102,8 +1101,8 @@ def eval_ttt(ev, tokens, sheet, budget):
         score_windows(ev, tokens, starts[sel], score_from[sel], seq_len, sheet)
         budget.score_s += time.perf_counter() - t
         if c < n_chunks - 1 and budget.agree(ev, (c + 1) / n_chunks):
-            t, lr = time.perf_counter(), args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-            sgd_on_scored(ev, opt, params, tokens, c * C, (c + 1) * C, lr, sheet)
+            t = time.perf_counter()
+            sgd_on_scored(ev, opt, params, tokens, c, n_chunks, (c + 1) * C, sheet)
             budget.step_s = time.perf_counter() - t
 
 
@@ -1175,7 +1174,7 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
             scored = ((q < qe[:, None]) & (q >= q0[:, None])).to(device)
             train = (n > (i + 1) * C).to(device)  # documents with chunks left to score
             done = frac[0] + (frac[1] - frac[0]) * scored_tokens / my_tokens
-            learn = bool(train.any()) and budget.adapt_ok(done)
+            learn = bool(train.any() and budget.adapt_ok(done))
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
             sheet.record(pos[scored], logits[scored].detach(), y[scored])

@@ -56,7 +56,7 @@ def arm_env(arm: str, seed: int) -> dict[str, str]:
 def run_arm(out: Path, arm: str, seed: int) -> str:
     folder = out / f"{arm}_s{seed}"
     log = folder / "out.txt"
-    if log.exists() and "final_" in log.read_text():
+    if read_run(log) is not None:  # a run cut off before its round trip is run again
         return f"{folder.name}: done before"
     folder.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()

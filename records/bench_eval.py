@@ -3,7 +3,7 @@ of FINAL_EVAL, alone and with the online n-gram mixture (the mixture reuses the 
 each network mode runs once), and the evaluation time each would take on the full validation set.
 
     [the run's shape env + evaluation env] python3 records/bench_eval.py final_model.pt \\
-        [--modes roundtrip,sliding_window,ttt,lora] [--val-tokens N] [--audit] \\
+        [--modes roundtrip,sliding_window,ttt,lora,phased+tilt] [--val-tokens N] [--audit] \\
         [--project-tokens 62021632] [--project-gpus 8]
 
 The checkpoint is a final_model.pt or a final_model.*.ptz artifact. Every model and evaluation
@@ -30,7 +30,7 @@ import train_gpt as tg  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
-    ap.add_argument("--modes", default=",".join(tg.NETWORK_MODES))
+    ap.add_argument("--modes", default=",".join(tg.NETWORK_MODES), help="FINAL_EVAL modes (MODE[+tilt][+ngram])")
     ap.add_argument("--val-tokens", type=int, default=0, help="score only the first N targets (0: all)")
     ap.add_argument("--no-ngram", action="store_true", help="skip the +ngram column")
     ap.add_argument("--audit", action="store_true", help="audit every mode (alone and +ngram) first")
@@ -38,10 +38,9 @@ def main() -> None:
     ap.add_argument("--project-gpus", type=int, default=8, help="ranks the projected targets are split over")
     opts = ap.parse_args()
     args = tg.Hyperparameters()
+    args.final_eval = opts.modes  # checked as FINAL_EVAL is
     tg.validate_config(args, 1, max(args.grad_accum_steps, 1))
-    modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
-    if any(m not in tg.NETWORK_MODES for m in modes):
-        sys.exit(f"--modes: each of {modes} must be one of {tg.NETWORK_MODES}")
+    modes = tg.final_modes(args)
     if opts.project_tokens < 1 or opts.project_gpus < 1:
         sys.exit("--project-tokens and --project-gpus must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +67,7 @@ def main() -> None:
 
     audit_s = {}
     if opts.audit:
-        for mode in modes + ([] if opts.no_ngram else [m + "+ngram" for m in modes]):
+        for mode in modes + ([] if opts.no_ngram else [m + "+ngram" for m in modes if "ngram" not in m]):
             t = clock()
             tg.audit_eval_mode(mode, lambda toks: tg.run_eval_mode(ev, mode, toks, audit=True), args, log)
             audit_s[mode] = clock() - t
@@ -84,7 +83,7 @@ def main() -> None:
         _, bpb = sheet.result(val, luts)
         timed.append((mode, mode, net_s))
         mixed = ""
-        if not opts.no_ngram:
+        if not opts.no_ngram and "ngram" not in mode:
             t = clock()
             tg.ngram_mix(ev, sheet, val)
             timed.append((mode + "+ngram", mode + "+ngram (mixture only)", clock() - t))
@@ -111,8 +110,8 @@ def main() -> None:
         if -(-w // b) * b > 1.1 * w:
             print(f"{mode}: {-(-w // b) * b:,} windows computed for {w:,} (batches of {b:,}: VAL_BATCH_SIZE / EVAL_SEQ_LEN), "
                   "so its s/target overstates the full set's: score >= 10 batches (--val-tokens) or lower VAL_BATCH_SIZE")
-    if args.ttt_max_seconds and {"ttt", "lora"} & set(modes):
-        print(f"ttt/lora: projected without TTT_MAX_SECONDS={args.ttt_max_seconds:g}, at which a real evaluation "
+    if args.ttt_max_seconds and {"ttt", "lora", "phased"} & {m.split("+")[0] for m in modes}:
+        print(f"ttt/lora/phased: projected without TTT_MAX_SECONDS={args.ttt_max_seconds:g}, at which a real evaluation "
               "stops adapting (scoring goes on)")
     print(f"total projected {total:.1f} s (every row{', audits included' if audit_s else ''}) "
           "against the 600 s evaluation budget: "
