@@ -297,21 +297,20 @@ CHOICES = dict(PRESET=("seeds", *PRESETS), QUANT_METHOD=("gptq", "rtn"), COMPRES
                ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"))
 
 
-def check_ranges(args):
+def raise_config_errors(err):
+    if err:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
+
+
+def validate_config(args, world_size, grad_accum_steps):
     value = {n: getattr(args, n.lower()) for n in KNOWN_ENV}
-    err = [f"{n}={value[n]} must be a finite number" for n, d in KNOWN_ENV.items()
-           if isinstance(d, float) and not math.isfinite(value[n])]
+    err = ENV_ERRORS + [f"{n}={value[n]} must be a finite number" for n, d in KNOWN_ENV.items()
+                        if isinstance(d, float) and not math.isfinite(value[n])]
     err += [f"{n}={value[n]} must be {rule}" for n, rule in RANGES.items() if not IN_RANGE[rule](value[n])]
     err += [f"{n}={value[n]} must be one of {', '.join(c)}" for n, c in CHOICES.items() if value[n] not in c]
     if args.vocab_size < 4:
         err.append(f"VOCAB_SIZE={args.vocab_size} must be >= 4 (ids 0-2 are special)")
-    return err
-
-
-def validate_config(args, world_size, grad_accum_steps):
-    err = list(ENV_ERRORS) + check_ranges(args)
-    if err:  # the checks below assume these
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
+    raise_config_errors(err)  # the checks below assume these
     if args.model_dim % args.num_heads:
         err.append(f"NUM_HEADS={args.num_heads} must divide MODEL_DIM={args.model_dim}")
     elif args.num_heads % args.num_kv_heads:
@@ -393,8 +392,7 @@ def validate_config(args, world_size, grad_accum_steps):
     except ValueError:
         err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
                    f"each LEN <= TRAIN_SEQ_LEN dividing {local}")
-    if err:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(err))
+    raise_config_errors(err)
 
 
 # -----------------------------
@@ -613,19 +611,6 @@ def load_validation_bytes(pattern):
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
-def validation_byte_source(args, sp, luts, log):
-    val_bytes = load_validation_bytes(args.val_files)
-    if val_bytes is not None:
-        log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
-            f"bytes:{int(val_bytes[1:].sum())}")
-        return val_bytes
-    if is_caseops_tokenizer(sp):
-        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no byte sidecars: "
-                        "export it with `data/export_shards.py --caseops`")
-    log("val_bytes:source=sentencepiece_luts")
-    return luts
-
-
 # -----------------------------
 # MODEL
 # -----------------------------
@@ -638,8 +623,7 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weights, used in the activation dtype. Late QAT: buffer `qat_delta` = fake_quantize(w) - w: the
-    forward sees quantized weights, gradients reach w."""
+    """fp32 weights used in the activation dtype; late QAT adds `qat_delta` = fake_quantize(w) - w (grads reach w)."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -1483,9 +1467,8 @@ def quant_bits_for(name, t, args):
     """Export bits of a tensor; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
-    bits = None
-    if name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL:
-        bits = getattr(args, tensor_class(name) + "_bits")
+    big = name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL
+    bits = getattr(args, tensor_class(name) + "_bits") if big else None
     for pattern, b in quant_overrides(args):
         if re.search(pattern, name):
             bits = b
@@ -1517,9 +1500,12 @@ def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
-def fake_quantize(w, bits, ratios, sigmas=0.0):
-    q, scale = quantize_per_row(w, bits, ratios, sigmas)
+def from_grid(q, scale):
     return q.float() * scale.float()[:, None]
+
+
+def fake_quantize(w, bits, ratios, sigmas=0.0):
+    return from_grid(*quantize_per_row(w, bits, ratios, sigmas))
 
 
 def salient_group(W, H, size):
@@ -1529,8 +1515,8 @@ def salient_group(W, H, size):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]).
-    awq = (columns, bits): AWQ-lite, the most salient group of columns on its own finer grid."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]);
+    awq = (columns, bits): AWQ-lite, the most salient column group on a finer grid."""
     W = w.float().clone()
     cols = W.size(1)
     grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
@@ -1618,8 +1604,7 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def add_lqer(qstate, state, args, hessians):
-    """LQER: rank-r SVD of W - W_q, factors at LQER_BITS, on the LQER_TOP_K tensors where it removes the most
-    (Hessian-weighted) error per byte."""
+    """LQER: rank-r SVD of W - W_q at LQER_BITS, on the LQER_TOP_K tensors it helps most per byte (Hessian-weighted)."""
     gains = []
     for name, e in qstate.items():
         if not e["bits"] or (hessians and name.removesuffix(".weight") not in hessians):
@@ -1641,16 +1626,16 @@ def add_lqer(qstate, state, args, hessians):
 
 
 def low_rank(e):
-    return (e["lqer_a"].float() * e["lqer_as"].float()[:, None]) @ (e["lqer_b"].float() * e["lqer_bs"].float()[:, None])
+    return from_grid(e["lqer_a"], e["lqer_as"]) @ from_grid(e["lqer_b"], e["lqer_bs"])
 
 
 def dequantize_entry(e):
     if not e["bits"]:
         return e["data"].float()
-    w = e["q"].float() * e["scale"].float()[:, None]
+    w = from_grid(e["q"], e["scale"])
     if "awq" in e:
         c0, n, _ = e["awq"]
-        w[:, c0:c0 + n] = e["q"][:, c0:c0 + n].float() * e["awq_scale"].float()[:, None]
+        w[:, c0:c0 + n] = from_grid(e["q"][:, c0:c0 + n], e["awq_scale"])
     return w + low_rank(e) if "lqer" in e else w
 
 
@@ -1660,7 +1645,7 @@ def prune_quantized(qstate, frac):
     out = dict(qstate)
     for name, e in qstate.items():
         if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # (AWQ's finer columns look larger: pruned last)
-            mag = e["q"].abs().float() * e["scale"].float()[:, None]
+            mag = from_grid(e["q"].abs(), e["scale"])
             out[name] = dict(e, q=torch.where(mag <= mag.flatten().kthvalue(k).values, 0, e["q"]).to(torch.int8))
     return out
 
@@ -1882,19 +1867,18 @@ def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith(("resid_mix", "attn.gate"))
                 and not n.startswith((*EMBED_NAMES, "lm_head", "skip_weights"))]
-    taken = {id(p) for p in embeds + matrices} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
+    head = [] if model.lm_head is None else [model.lm_head.weight]
+    taken = {id(p) for p in embeds + matrices + head}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = lambda params, lr: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2),
                                                  eps=args.adam_eps, weight_decay=args.adam_wd, fused=fused)
     optimizers = [adam(embeds, args.tied_embed_lr if args.tie_embeddings else args.embed_lr), adam(scalars, args.scalar_lr)]
-    if model.lm_head is not None:
-        optimizers.append(adam([model.lm_head.weight], args.head_lr))
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=ns_coefficients(args.muon_ns_coeffs), weight_decay=args.muon_wd, row_norm=args.muon_row_norm,
                 normuon_beta2=args.normuon_beta2 if args.normuon else 0.0)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
-    return optimizers + [muon], muon
+    return optimizers + ([adam(head, args.head_lr)] if head else []) + [muon], muon
 
 
 def forward_backward(model, loader, args, grad_accum_steps, local_tokens, device, seq_len=0):
@@ -2034,8 +2018,7 @@ class HostCopy:
 
 
 class Trainer:
-    """The training loop; a checkpoint per rank lets a resumed run continue exactly; SIGTERM / SIGINT stop all
-    ranks at one step."""
+    """The training loop; per-rank checkpoints resume exactly; SIGTERM / SIGINT stop all ranks at one step."""
 
     def __init__(self, ev, model, qat_layers, grad_accum_steps):
         args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
@@ -2200,6 +2183,7 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
+    """Bytes of the val targets: CaseOps sidecars, else the tokenizer's tables."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
@@ -2208,9 +2192,18 @@ def load_tokenizer_tables(args, device, log):
     except (OSError, RuntimeError) as exc:
         raise DataError(f"tokenizer {args.tokenizer_path} is not a readable SentencePiece model ({exc}): "
                         "download it again or set TOKENIZER_PATH") from None
-    if int(sp.vocab_size()) != args.vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {int(sp.vocab_size())} pieces")
-    return validation_byte_source(args, sp, build_sentencepiece_luts(sp, args.vocab_size, device), log)
+    if (pieces := int(sp.vocab_size())) != args.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but {args.tokenizer_path} has {pieces} pieces")
+    val_bytes = load_validation_bytes(args.val_files)
+    if val_bytes is not None:
+        log(f"val_bytes:source=sidecar files={args.val_files.replace('fineweb_val_', 'fineweb_valbytes_')} "
+            f"bytes:{int(val_bytes[1:].sum())}")
+        return val_bytes
+    if is_caseops_tokenizer(sp):
+        raise DataError(f"{args.tokenizer_path} is a CaseOps tokenizer but {args.data_path} has no byte sidecars: "
+                        "export it with `data/export_shards.py --caseops`")
+    log("val_bytes:source=sentencepiece_luts")
+    return build_sentencepiece_luts(sp, args.vocab_size, device)
 
 
 def export_and_score(ev, calib_batches, evaluate, code, label, pre_quant_bpb):
