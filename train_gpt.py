@@ -4,6 +4,7 @@ import copy
 import difflib
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -877,7 +878,7 @@ class GPT(nn.Module):
 # The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
 # -----------------------------
 
-NETWORK_MODES = ("roundtrip", "sliding_window", "ttt", "lora", "phased")
+NETWORK_MODES = ("roundtrip", "sliding_window", "lora", "phased")
 MIXTURES = ("tilt", "ngram")  # MODE+tilt, MODE+ngram, MODE+tilt+ngram
 ISOLATED_MODES = ("lora",)  # nothing crosses a document start
 AUDIT_PROBES = 4  # projections of an audited distribution
@@ -1023,30 +1024,31 @@ class Budget:
                    "adaptation steps skipped")
 
 
-def ttt_parameters(model, args):
-    """What the SGD of `ttt` and `phased` adapts: all but the first TTT_FREEZE_BLOCKS blocks."""
+def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
+    """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (all scored: now marked used), chunk
+    by chunk at TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step, gradients summed."""
+    if not budget.agree(ev, frac_scored):
+        return
+    t, args, model, world_size = time.perf_counter(), ev.args, ev.base_model, ev.world_size
     model.requires_grad_(True)
     for blk in model.blocks[:args.ttt_freeze_blocks]:
         blk.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def sgd_on_scored(ev, opt, params, tokens, c, n, hi, sheet):
-    """Chunk c of n: TTT_EPOCHS of SGD at TTT_LR cosine-decayed over the chunks, on windows from about chunk c's
-    start to target hi (all scored: now marked used), TTT_BATCH_SEQS a rank a step, gradients summed."""
-    args, device, world_size = ev.args, ev.device, ev.world_size
-    n_tok, B = min(args.eval_seq_len, hi), args.ttt_batch_seqs * world_size
-    seq_starts = np.unique(np.append(np.arange(c * args.ttt_chunk_tokens, hi - n_tok + 1, n_tok), hi - n_tok))
-    sheet.used[seq_starts[0]:hi] = True
-    for g in opt.param_groups:
-        g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
-    for _ in range(args.ttt_epochs):
-        for i in range(0, len(seq_starts), B):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    C, B = args.ttt_chunk_tokens, args.ttt_batch_seqs * world_size
+    sheet.used[:end] = True
+    for c in range(n := -(-end // C)):
+        hi = min((c + 1) * C, end)
+        n_tok = min(args.eval_seq_len, hi)  # windows end by hi: never past the scored targets
+        seq_starts = np.unique(np.append(np.arange(c * C, hi - n_tok + 1, n_tok), hi - n_tok))
+        for g in opt.param_groups:
+            g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
+        for _, i in itertools.product(range(args.ttt_epochs), range(0, len(seq_starts), B)):
             s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
             opt.zero_grad(set_to_none=False)
             if len(s):
-                win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(device)
-                with autocast_ctx(device):
+                win = tokens[s[:, None] + torch.arange(n_tok + 1)].to(ev.device)
+                with autocast_ctx(ev.device):
                     loss = ev.model(win[:, :-1], win[:, 1:]).sum() / (min(B, len(seq_starts) - i) * n_tok)
                 loss.backward()
             for p in params:
@@ -1057,37 +1059,8 @@ def sgd_on_scored(ev, opt, params, tokens, c, n, hi, sheet):
             if args.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
             opt.step()
-
-
-def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
-    """Phased TTT's global phase: the `ttt` mode's SGD over targets [0, end), chunk by chunk."""
-    if budget.agree(ev, frac_scored):
-        t, args, C = time.perf_counter(), ev.args, ev.args.ttt_chunk_tokens
-        params = ttt_parameters(ev.base_model, args)
-        opt, n = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum), -(-end // C)
-        for c in range(n):
-            sgd_on_scored(ev, opt, params, tokens, c, n, min((c + 1) * C, end), sheet)
-        budget.step_s = time.perf_counter() - t
-        ev.base_model.requires_grad_(False)
-
-
-def eval_ttt(ev, tokens, sheet, budget):
-    """Score-first chunked TTT: each chunk scored, then trained on."""
-    args, total, C = ev.args, tokens.numel() - 1, ev.args.ttt_chunk_tokens
-    seq_len = min(args.eval_seq_len, total)
-    starts, score_from = window_plan(total, seq_len, args.eval_stride)
-    n_chunks, chunk_of = -(-total // C), score_from // C
-    params = ttt_parameters(ev.base_model, args)
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    for c in range(n_chunks):
-        t = time.perf_counter()
-        sel = ev.share(np.flatnonzero(chunk_of == c))
-        score_windows(ev, tokens, starts[sel], score_from[sel], seq_len, sheet)
-        budget.score_s += time.perf_counter() - t
-        if c < n_chunks - 1 and budget.agree(ev, (c + 1) / n_chunks):
-            t = time.perf_counter()
-            sgd_on_scored(ev, opt, params, tokens, c, n_chunks, (c + 1) * C, sheet)
-            budget.step_s = time.perf_counter() - t
+    model.requires_grad_(False)
+    budget.step_s = time.perf_counter() - t
 
 
 def doc_spans(tokens):
@@ -1340,12 +1313,12 @@ def run_eval_mode(ev, mode, tokens, audit=False):
     if "tilt" in mix:
         sheet.hint, sheet.boost = tilt_hints(tokens, args, ev.device), args.tilt_boost
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if args.ttt_asym_softcap and net in ("ttt", "phased"):  # adapted by their SGD from symmetric
+    if args.ttt_asym_softcap and net == "phased":  # adapted by its SGD, from symmetric
         model.asym_softcap = nn.Parameter(torch.full((2,), args.logit_softcap, device=ev.device))
     if net in ("roundtrip", "sliding_window"):
         eval_windows(ev, tokens, sheet, args.eval_seq_len if net == "roundtrip" else args.eval_stride)
     else:
-        dict(ttt=eval_ttt, lora=eval_lora, phased=eval_phased)[net](ev, tokens, sheet, budget)
+        (eval_lora if net == "lora" else eval_phased)(ev, tokens, sheet, budget)
     if model.asym_softcap is not None:
         ev.log(f"{net}:asym_softcap positive:{model.asym_softcap[0]:.4f} negative:{model.asym_softcap[1]:.4f}",
                console=False)
@@ -1390,7 +1363,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
     t0, net, seconds = time.perf_counter(), mode.partition("+")[0], []
     g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
-    min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net in ("ttt", "phased") else 0)
+    min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "phased" else 0)
     many = net in ("lora", "phased")  # documents for several batches (phases)
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if many else 0, args, g)
     n, docs = tokens.numel() - 1, int((tokens == BOS_ID).sum())
@@ -1401,7 +1374,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         s.check_once()
     noise = max(gap(a.nats, again.nats), gap(a.fp, again.fp))
     tol, batch_noise = 4 * noise + 1e-6, 0.0
-    if isolated:  # the redraw changes the batches: rebatching noise sets the tolerance
+    if many:  # the redraw changes the batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
     # Neither the losses before t nor the distribution scored at t may move.

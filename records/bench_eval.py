@@ -3,7 +3,7 @@ of FINAL_EVAL, alone and with the online n-gram mixture (the mixture reuses the 
 each network mode runs once), and the evaluation time each would take on the full validation set.
 
     [the run's shape env + evaluation env] python3 records/bench_eval.py final_model.pt \\
-        [--modes roundtrip,sliding_window,ttt,lora,phased+tilt] [--val-tokens N] [--audit] \\
+        [--modes roundtrip,sliding_window,lora,phased+tilt] [--val-tokens N] [--audit] \\
         [--project-tokens 62021632] [--project-gpus 8]
 
 The checkpoint is a final_model.pt or a final_model.*.ptz artifact. Every model and evaluation

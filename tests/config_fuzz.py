@@ -28,7 +28,7 @@ CHOICES = {
     "ATTN_BITS": ["1", "4", "6", "9", "16"], "QUANT_CLIP_RATIOS": ["1.0", "", "0", "2", "a"], "GPTQ_BLOCK_SIZE": ["0", "-1", "16"],
     "MATRIX_LR": ["0.02", "-1", "nan", "inf"], "MUON_BACKEND_STEPS": ["0", "-1", "5"], "MUON_NS_COEFFS": ["1,2", "3.4,-4.7,2.0", "a,b,c", "polar"],
     "WARMDOWN_ITERS": ["-5", "0", "10"], "ITERATIONS": ["-1", "0", "1"], "TTT_LORA_RANK": ["0", "4"], "TTT_LORA_CHUNK": ["0", "4", "99"],
-    "NGRAM_ORDER": ["0", "1", "9"], "FINAL_EVAL": ["roundtrip", "", "bogus", "lora+ngram", "ttt+tilt"], "SWA_EVERY": ["0", "5"],
+    "NGRAM_ORDER": ["0", "1", "9"], "FINAL_EVAL": ["roundtrip", "", "bogus", "lora+ngram", "ttt", "phased+tilt+ngram"], "SWA_EVERY": ["0", "5"],
     "GRAD_CLIP_NORM": ["-1", "0", "0.3"], "TIE_EMBEDDINGS": ["0", "1"], "COMPRESSOR": ["zstd", "gzip"], "ARTIFACT_CAP": ["0", "-1", "16000000"],
     "ROPE_BASE": ["0", "-10", "10000"], "QK_GAIN_INIT": ["0", "1.5"], "VAL_BATCH_SIZE": ["0", "512"],
     # The April stack's settings.

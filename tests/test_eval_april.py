@@ -68,7 +68,7 @@ def test_tilt_is_a_normalized_distribution_that_helps_on_repetitive_text():
     ("phased", {}), ("phased+tilt", dict(tilt_orders="2")), ("lora+tilt+ngram", dict(tilt_orders="3,2")),
     ("phased", dict(ttt_lora_targets="k,o,mlp,head", ttt_warm_start_a=True, ttt_local_lr_mult=0.75,
                     ttt_short_chunks="12:2,30:4", phased_ttt_num_phases=2, ttt_asym_softcap=True)),
-    ("ttt", dict(ttt_asym_softcap=True))])
+    ("sliding_window+tilt", dict(tilt_orders="4,2"))])
 def test_new_modes_pass_the_audit(mode, over):
     lines = []
     audit(mode, eval_args(**over), log=lambda m, console=True: lines.append(m))
@@ -124,20 +124,21 @@ def test_phased_that_trains_on_the_next_phase_is_caught(monkeypatch):
 
 
 def test_score_adapt_rescore_is_caught(monkeypatch):
-    """A second pass: each chunk scored and adapted to as `ttt` does, then all scored again with the adapted
-    weights, the first scores thrown away. Every target is recorded once in the end."""
-    real = tg.eval_ttt
+    """A second pass: phased TTT as it is, then every target scored again with the adapted weights, the first
+    scores thrown away. Every target is recorded once in the end."""
+    real = tg.sgd_on_prefix
 
-    def rescore(ev, tokens, sheet, budget):
-        real(ev, tokens, sheet, budget)
-        sheet.hits.zero_()
-        sheet.nats.zero_()
-        sheet.late.zero_()  # even if the first pass is forgotten entirely
-        tg.eval_windows(ev, tokens, sheet, ev.args.eval_stride)
+    def rescore(ev, tokens, end, sheet, *a):
+        real(ev, tokens, end, sheet, *a)
+        sheet.hits[:end] = 0  # forget the first scores...
+        sheet.nats[:end] = 0
+        with torch.no_grad():  # ...and score them again with the weights that trained on them
+            tg.score_windows(ev, tokens, *tg.window_plan(end, ev.args.eval_seq_len, ev.args.eval_seq_len),
+                             ev.args.eval_seq_len, sheet)
 
-    monkeypatch.setattr(tg, "eval_ttt", rescore)
+    monkeypatch.setattr(tg, "sgd_on_prefix", rescore)
     with pytest.raises(tg.EvalError, match="not one pass"):
-        audit("ttt", eval_args())
+        audit("phased", eval_args())
 
 
 def test_a_tilt_that_reads_the_target_is_caught(monkeypatch):

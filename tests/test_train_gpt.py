@@ -202,7 +202,7 @@ def audit(mode, args, model=None, log=quiet):
     tg.audit_eval_mode(mode, lambda toks: tg.run_eval_mode(ev, mode, toks, audit=True), args, log)
 
 
-@pytest.mark.parametrize("mode", ["roundtrip", "sliding_window", "ttt", "lora", "sliding_window+ngram", "ttt+ngram",
+@pytest.mark.parametrize("mode", ["roundtrip", "sliding_window", "phased", "lora", "sliding_window+ngram", "phased+ngram",
                                   "lora+ngram"])
 def test_every_eval_mode_passes_the_causality_audit(mode):
     lines = []
@@ -212,12 +212,12 @@ def test_every_eval_mode_passes_the_causality_audit(mode):
     assert ("bos_diff:0.0e+00" in line) == mode.startswith("lora")
 
 
-def test_ttt_with_chunks_shorter_than_the_window_stays_causal():
+def test_phased_with_chunks_shorter_than_the_window_stays_causal():
     """A chunk shorter than a training sequence must not train on targets not yet scored."""
-    audit("ttt", eval_args(ttt_chunk_tokens=12, ttt_epochs=2))
+    audit("phased", eval_args(ttt_chunk_tokens=12, ttt_epochs=2))
 
 
-def test_ttt_and_lora_change_the_scores_and_leave_the_weights():
+def test_phased_and_lora_change_the_scores_and_leave_the_weights():
     args = eval_args()
     model = randomized_model(args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -226,9 +226,8 @@ def test_ttt_and_lora_change_the_scores_and_leave_the_weights():
     tokens[::50] = tg.BOS_ID
     cpu = torch.device("cpu")
     ev = tg.Evaluation(args, model, model, cpu)
-    nats = {m: tg.run_eval_mode(ev, m, tokens).nats for m in ("sliding_window", "ttt", "lora")}
-    assert not torch.equal(nats["sliding_window"], nats["ttt"])  # the chunks after the first were adapted
-    assert torch.equal(nats["sliding_window"][:48], nats["ttt"][:48])  # the first chunk was not
+    nats = {m: tg.run_eval_mode(ev, m, tokens).nats for m in ("sliding_window", "phased", "lora")}
+    assert not torch.equal(nats["lora"], nats["phased"])  # the documents after the first phase were adapted
     assert not torch.equal(nats["sliding_window"], nats["lora"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
@@ -392,17 +391,17 @@ def test_a_non_finite_score_is_refused():
 
 
 def test_final_evaluation_refuses_a_mode_that_fails_its_audit(monkeypatch):
-    args = eval_args(final_eval="roundtrip,ttt")
+    args = eval_args(final_eval="roundtrip,phased")
     lines = []
 
     def evaluate(mode, tokens=None, audit=False):
         sheet = tg.ScoreSheet(tokens.numel() - 1, torch.device("cpu"), audit)
         sheet.hits += 1
-        if mode == "ttt":  # a score that depends on the future: the mean of the later tokens
+        if mode == "phased":  # a score that depends on the future: the mean of the later tokens
             sheet.nats = torch.flip(torch.cumsum(torch.flip(tokens[1:].float(), [0]), 0), [0])
         return sheet
 
-    with pytest.raises(tg.EvalError, match="mode ttt fails the causality audit"):
+    with pytest.raises(tg.EvalError, match="mode phased fails the causality audit"):
         ev = tg.Evaluation(args, None, None, torch.device("cpu"), log=lambda m, console=True: lines.append(m))
         tg.final_evaluation(ev, "int6_zstd", evaluate, None)
     assert any(x.startswith("eval_audit:roundtrip ok") for x in lines)
@@ -416,13 +415,14 @@ def test_eval_budget_stops_adaptation_but_scores_everything():
     cpu, lines = torch.device("cpu"), []
     log = lambda m, console=True: lines.append(m)  # noqa: E731
     ev = tg.Evaluation(args, model, model, cpu, log=log)
-    plain = tg.run_eval_mode(ev, "sliding_window", tokens).nats
-    for mode in ("ttt", "lora"):
-        sheet = tg.run_eval_mode(ev, mode, tokens)
+    tokens[::60] = tg.BOS_ID
+    sheets = {mode: tg.run_eval_mode(ev, mode, tokens) for mode in ("phased", "lora")}
+    args.ttt_max_seconds, args.ttt_lora_lr = 0.0, 0.0
+    plain = tg.run_eval_mode(ev, "lora", tokens).nats  # nothing adapted, no budget
+    for sheet in sheets.values():
         sheet.check_once()
-        if mode == "ttt":
-            assert torch.equal(sheet.nats, plain)  # no chunk was adapted
-    assert any(x.startswith("ttt:budget") for x in lines) and any(x.startswith("lora:budget") for x in lines)
+        assert torch.equal(sheet.nats, plain)
+    assert any(x.startswith("phased:budget") for x in lines) and any(x.startswith("lora:budget") for x in lines)
 
 
 def test_bpb_byte_counts_match_utf8_of_decoded_text(tmp_path):
@@ -771,7 +771,7 @@ def test_a_run_stopped_by_sigterm_resumes_exactly(sample, tmp_path):
 
 
 def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path):
-    env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, EVAL_STRIDE=64, SEED=7, FINAL_EVAL="roundtrip,ttt,lora",
+    env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, EVAL_STRIDE=64, SEED=7, FINAL_EVAL="roundtrip,phased,lora",
                        TTT_CHUNK_TOKENS=2048, TTT_LORA_CHUNK=16)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -784,11 +784,11 @@ def test_two_process_gloo_matches_one_process_with_accumulation(sample, tmp_path
         a = float(re.search(rf"{key}:(\S+)", one.stdout).group(1))
         b = float(re.search(rf"{key}:(\S+)", two.stdout).group(1))
         assert abs(a - b) < 2e-4, (key, a, b)
-    for key in ("roundtrip", "ttt", "lora"):  # TTT all-reduces its gradients; LoRA deals documents to ranks
+    for key in ("roundtrip", "phased", "lora"):  # phased all-reduces its gradients; LoRA deals documents to ranks
         a = final_value(one.stdout, f"final_int6_zstd_{key}_exact")
         b = final_value(two.stdout, f"final_int6_zstd_{key}_exact")
         assert abs(a[0] - b[0]) < 2e-4, (key, a, b)
-    assert final_value(one.stdout, "final_int6_zstd_ttt_exact") != final_value(one.stdout, "final_int6_zstd_roundtrip_exact")
+    assert final_value(one.stdout, "final_int6_zstd_phased_exact") != final_value(one.stdout, "final_int6_zstd_lora_exact")
 
 
 def test_smoke_run_finishes_with_finite_scores(tmp_path):
