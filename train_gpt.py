@@ -350,9 +350,7 @@ def validate_config(args, world_size, grad_accum_steps):
     if args.resume and not os.path.isdir(args.resume):
         err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
-    parts = [m.split("+") for m in modes]
-    if not modes or any(p[0] not in NETWORK_MODES or len(set(p[1:])) < len(p) - 1 or not set(p[1:]) <= set(MIXTURES)
-                        for p in parts):
+    if not modes or not all(re.fullmatch(f"({'|'.join(NETWORK_MODES)})(\\+tilt)?(\\+ngram)?", m) for m in modes):
         err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +tilt, +ngram")
     try:
         chunks = short_chunks(args) + [(0, args.ttt_lora_chunk)]
@@ -360,8 +358,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if not all(0 < c <= args.ttt_lora_seq_len for _, c in chunks) or not all(0 < o <= 64 for o in orders):
             raise ValueError
     except ValueError:
-        err.append(f"TTT_LORA_CHUNK={args.ttt_lora_chunk} and TTT_SHORT_CHUNKS={args.ttt_short_chunks} (LEN:CHUNK,...) "
-                   f"need chunks in 1..TTT_LORA_SEQ_LEN={args.ttt_lora_seq_len}; TILT_ORDERS={args.tilt_orders}: 1..64")
+        err.append(f"TTT_LORA_CHUNK, TTT_SHORT_CHUNKS (LEN:CHUNK,...) need chunks in 1..TTT_LORA_SEQ_LEN; TILT_ORDERS 1..64")
     if not args.ttt_lora_targets or not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
         err.append(f"TTT_LORA_TARGETS={args.ttt_lora_targets} must be some of {', '.join(LORA_SITES)}, head")
     if args.ttt_freeze_blocks > args.num_layers:
@@ -879,7 +876,6 @@ class GPT(nn.Module):
 # -----------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "lora", "phased")
-MIXTURES = ("tilt", "ngram")  # MODE+tilt, MODE+ngram, MODE+tilt+ngram
 ISOLATED_MODES = ("lora",)  # nothing crosses a document start
 AUDIT_PROBES = 4  # projections of an audited distribution
 AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
