@@ -2331,8 +2331,8 @@ def final_evaluation(ev, label, evaluate, pre_quant_bpb):
     plan = {mode: audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, ev.world_size)
             * ev.val_targets / ev.world_size for mode in modes}
     total = sum(plan.values()) + time.perf_counter() - t0
-    log("eval_plan: " + " ".join(f"{m}:{s:.0f}s" for m, s in plan.items()) + f" total:{total:.0f}s with the audits"
-        + (" WARNING: over 600s: set TTT_MAX_SECONDS or drop a mode" if total > 600 else ""))
+    log("eval_plan: " + " ".join(f"{m}:{s:.0f}s" for m, s in plan.items()) + f" total:{total:.0f}s with the audits, "
+        "at their speed: an upper bound" + (" WARNING: over 600s: set TTT_MAX_SECONDS or drop a mode" if total > 600 else ""))
     for mode in modes:
         t = time.perf_counter()
         loss, bpb = evaluate(mode)
