@@ -1414,15 +1414,15 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
 SMALL_TENSOR_NUMEL = 65_536
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_head.weight")
-DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {k: getattr(torch, k) for k in ("int8", "float16", "float32")}
 LQER_ARRAYS = ("lqer_a", "lqer_as", "lqer_b", "lqer_bs")
 
 
 def quant_overrides(args):
     out = []
-    for item in filter(None, (s.strip() for s in args.quant_overrides.split(","))):
+    for item in filter(None, map(str.strip, args.quant_overrides.split(","))):
         pattern, _, bits = item.rpartition(":")
-        if not pattern or not bits.isdigit() or not (2 <= int(bits) <= 8 or int(bits) == 16):
+        if not (pattern and bits.isdigit() and int(bits) in (*range(2, 9), 16)):
             raise ConfigError(f"QUANT_OVERRIDES item {item!r} must be REGEX:BITS with BITS in 2..8 or 16")
         out.append((pattern, int(bits)))
     return out
@@ -1436,8 +1436,7 @@ def quant_bits_for(name, t, args):
     """Export bits of a tensor; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
-    big = name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL
-    bits = getattr(args, tensor_class(name) + "_bits") if big else None
+    bits = getattr(args, tensor_class(name) + "_bits") if name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL else None
     for pattern, b in quant_overrides(args):
         if re.search(pattern, name):
             bits = b
@@ -1445,7 +1444,7 @@ def quant_bits_for(name, t, args):
 
 
 def clip_ratios(args):
-    return tuple(float(r) for r in args.quant_clip_ratios.split(","))
+    return tuple(map(float, args.quant_clip_ratios.split(",")))
 
 
 def round_to_grid(w, scale, qmax):
@@ -1453,7 +1452,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip of max |w| of least error; SDClip: sigmas x std, beyond clamped."""
+    """Per-row fp16 scales (rows, 1): the clip ratio of least error; SDClip: sigmas x std, beyond clamped."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = (sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
@@ -1463,9 +1462,7 @@ def row_scales(w, bits, ratios, sigmas=0.0):
 
 
 def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
-    """Round-to-nearest: w ~ q * scale[:, None], |q| <= 2^(bits-1) - 1."""
-    w = w.float()
-    scale = row_scales(w, bits, ratios, sigmas)
+    scale = row_scales(w := w.float(), bits, ratios, sigmas)
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
 
 
@@ -1486,13 +1483,10 @@ def salient_group(W, H, size):
 def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
     """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]);
     awq = (columns, bits): AWQ-lite, the most salient column group on a finer grid."""
-    W = w.float().clone()
-    cols = W.size(1)
+    W, cols = w.float().clone(), w.size(1)
     grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
     hi = slice(c0 := salient_group(W, H, awq[0]), c0 + awq[0]) if awq else slice(0, 0)
-    lo = torch.ones(cols, dtype=torch.bool, device=W.device)
-    lo[hi] = False
-    scale = row_scales(W[:, lo], bits, ratios, sigmas)
+    scale = row_scales(torch.cat((W[:, :hi.start], W[:, hi.stop:]), 1), bits, ratios, sigmas)
     scales = scale.expand(-1, cols).clone()
     if awq:
         grid[hi] = 2 ** (awq[1] - 1) - 1
@@ -1504,8 +1498,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
     perm = torch.argsort(H.diagonal(), descending=True)  # act order
     W, H, scales, grid = W[:, perm], H[perm][:, perm], scales[:, perm], grid[perm]
     for attempt in range(5):  # more damping until the Hessian factors
-        Hd = H + torch.eye(cols, device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(cols, device=H.device) * damp * 10 ** attempt * H.diagonal().mean())
         if info == 0:
             break
     else:
@@ -1523,7 +1516,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
             E[:, j:j + 1] = err
         W[:, i2:] -= E @ Hinv[i1:i2, i2:]
     out = dict(q=Q[:, torch.argsort(perm)].to(torch.int8), scale=scale.squeeze(1).half())
-    return out | (dict(awq=[hi.start, awq[0], awq[1]], awq_scale=hi_scale.squeeze(1).half()) if awq else {})
+    return out | (dict(awq=[hi.start, *awq], awq_scale=hi_scale.squeeze(1).half()) if awq else {})
 
 
 @torch.no_grad()
@@ -1557,15 +1550,14 @@ def collect_hessians(model, batches, args, device, world_size):
 def quantize_state_dict(state, args, hessians=None):
     out, ratios, hessians = {}, clip_ratios(args), hessians or {}
     for name, t in state.items():
-        bits, H = quant_bits_for(name, t, args), hessians.get(name.removesuffix(".weight"))
+        bits, H, t = quant_bits_for(name, t, args), hessians.get(name.removesuffix(".weight")), t.detach()
         if bits is None:
-            out[name] = dict(bits=None, data=t.detach().cpu().to(torch.float16 if t.ndim == 2 else torch.float32))
+            out[name] = dict(bits=None, data=t.cpu().to(torch.float16 if t.ndim == 2 else torch.float32))
             continue
         sigmas = getattr(args, tensor_class(name) + "_clip_sigmas")
         awq = (args.awq_group, args.awq_bits) if 0 < args.awq_group < t.size(1) else None
-        e = gptq_quantize(t.detach().to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas,
-                          awq) if H is not None else None
-        e = e or dict(zip(("q", "scale"), quantize_per_row(t.detach(), bits, ratios, sigmas)))
+        e = H is not None and gptq_quantize(t.to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas, awq)
+        e = e or dict(zip(("q", "scale"), quantize_per_row(t, bits, ratios, sigmas)))
         out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
     if args.lqer_rank:
         add_lqer(out, state, args, hessians)
@@ -1586,7 +1578,7 @@ def add_lqer(qstate, state, args, hessians):
         b, b_s = quantize_per_row(Vh[:r], args.lqer_bits)
         fix = dict(lqer=[r, args.lqer_bits], lqer_a=a, lqer_as=a_s, lqer_b=b, lqer_bs=b_s)
         H = hessians[name.removesuffix(".weight")].float().cpu() if hessians else torch.eye(W.size(1))
-        err = lambda X: float(((X @ H) * X).sum())  # noqa: E731 (output error)
+        err = lambda X: float(((X @ H) * X).sum())  # output error
         nbytes = (a.numel() + b.numel()) * args.lqer_bits / 8 + 2 * (r + W.size(0))
         gains.append(((err(E) - err(E - low_rank(fix))) / nbytes, name, fix))
     for gain, name, fix in sorted(gains, key=lambda g: g[0])[-args.lqer_top_k:]:
@@ -1630,16 +1622,15 @@ def shuffle_bytes(raw, itemsize, undo=False):
 
 
 def serialize_quantized(qstate):
-    arrays = [(name, key, t) for name, e in qstate.items() for key, t in e.items() if isinstance(t, Tensor)]
-    arrays.sort(key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
+    arrays = sorted(((name, key, t) for name, e in qstate.items() for key, t in e.items() if isinstance(t, Tensor)),
+                    key=lambda a: (a[2].dtype.itemsize, a[1]))  # int8, then fp16 scales, then the rest
     header = {n: {k: v for k, v in e.items() if not isinstance(v, Tensor)} | {"arrays": {}} for n, e in qstate.items()}
-    chunks, offset = [], 0
+    chunks = []
     for name, key, t in arrays:
         raw = shuffle_bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), t.dtype.itemsize)
-        header[name]["arrays"][key] = dict(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                                           offset=offset, nbytes=len(raw))
+        header[name]["arrays"][key] = dict(
+            dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), offset=sum(map(len, chunks)), nbytes=len(raw))
         chunks.append(raw)
-        offset += len(raw)
     head = json.dumps(dict(format=2, layout="grouped,byteshuffle", tensors=header), separators=(",", ":")).encode()
     return BLOB_MAGIC + struct.pack("<I", len(head)) + head + b"".join(chunks)
 
@@ -1652,9 +1643,9 @@ def deserialize_quantized(blob):
     try:
         header, payload = json.loads(blob[8:8 + hlen]), memoryview(blob)[8 + hlen:]
         return {name: parse_tensor_entry(name, entry, payload) for name, entry in header["tensors"].items()}
-    except (KeyError, TypeError, AttributeError, ValueError, IndexError, UnicodeDecodeError) as exc:
-        if isinstance(exc, DataError):
-            raise
+    except DataError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
         raise DataError(f"artifact header is corrupt ({type(exc).__name__}: {exc})") from None
 
 
@@ -1663,7 +1654,6 @@ def is_bits(b):
 
 
 def int_field(name, key, value, n, ok):
-    """A header field of n ints meeting ok(*value)."""
     if not (type(value) is list and len(value) == n and all(type(v) is int for v in value) and ok(*value)):
         raise DataError(f"artifact tensor {name}: {key}={value!r} is out of range")
     return value
@@ -1716,8 +1706,7 @@ def parse_tensor_entry(name, entry, payload):
 def whole_blob_codecs():
     import lzma
     import zstandard
-    codecs = {"zstd": (1, lambda b, lvl: zstandard.ZstdCompressor(level=lvl).compress(b),
-                       lambda b: zstandard.ZstdDecompressor().decompress(b)),
+    codecs = {"zstd": (1, lambda b, lvl: zstandard.ZstdCompressor(level=lvl).compress(b), zstandard.ZstdDecompressor().decompress),
               "lzma": (2, lambda b, lvl: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
     try:
         import brotli
@@ -1732,7 +1721,7 @@ def _codecs():
 
 
 def section_cuts(blob):
-    """Cuts of a blob: after the header, and where the arrays' key changes (q, scale, lqer_a, ...)."""
+    """Cuts after the header and where the arrays' key (q, scale, lqer_a, ...) changes."""
     start = 8 + struct.unpack("<I", blob[4:8])[0]
     arrays = sorted((a["offset"], a["dtype"], key) for t in json.loads(blob[8:start])["tensors"].values()
                     for key, a in t["arrays"].items())
@@ -1763,9 +1752,9 @@ def decompress_sections(body):
 def compress_artifact(blob, compressor, level):
     """Magic + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
     codecs = _codecs()
-    names = list(codecs) if compressor == "auto" else [compressor]
-    if any(n not in codecs for n in names):
+    if compressor not in [*codecs, "auto"]:
         raise ConfigError(f"COMPRESSOR={compressor} is not available (have: {', '.join(codecs)}, auto)")
+    names = list(codecs) if compressor == "auto" else [compressor]
     body = min((bytes([codecs[n][0]]) + codecs[n][1](blob, level) for n in names), key=len)
     return ARTIFACT_MAGIC + body[:1] + struct.pack("<I", zlib.crc32(body)) + body[1:]
 
@@ -1810,17 +1799,16 @@ def build_artifact(qstate, args, code_bytes, log):
         pruned = prune_quantized(qstate, frac)
         data = compress_artifact(serialize_quantized(pruned), args.compressor, args.zstd_level)
         return data, pruned, len(data) + code_bytes
-    lo, hi = args.prune_frac, args.fit_max_prune_frac
+    lo, hi, cap = args.prune_frac, args.fit_max_prune_frac, args.artifact_cap
     data, state, total = make(lo)
-    if total <= args.artifact_cap:
-        log(f"fit_to_cap: headroom {args.artifact_cap - total} bytes under ARTIFACT_CAP={args.artifact_cap} "
-            "(records/size_planner.py spend: what it buys)")
+    if total <= cap:
+        log(f"fit_to_cap: headroom {cap - total} bytes under ARTIFACT_CAP={cap} (records/size_planner.py spend: what it buys)")
         return data, state
-    log(f"fit_to_cap: {total} bytes > ARTIFACT_CAP={args.artifact_cap} at prune_frac {lo}: searching the least pruning")
-    if (best := make(hi))[2] > args.artifact_cap:
+    log(f"fit_to_cap: {total} bytes > ARTIFACT_CAP={cap} at prune_frac {lo}: searching the least pruning")
+    if (best := make(hi))[2] > cap:
         raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {best[2]} bytes")
     for _ in range(FIT_SEARCH_STEPS):
-        if (trial := make(mid := (lo + hi) / 2))[2] <= args.artifact_cap:
+        if (trial := make(mid := (lo + hi) / 2))[2] <= cap:
             hi, best = mid, trial
         else:
             lo = mid
@@ -1926,9 +1914,11 @@ def ema_decay(args, step, elapsed_ms, cap_ms):
 
 class WeightAverager:
     def __init__(self, model, args):
-        self.args, self.model = args, model
-        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if args.ema_enabled else None
-        self.swa, self.swa_count = None, 0
+        self.args, self.model, self.swa, self.swa_count = args, model, None, 0
+        self.ema = self.fp32_state() if args.ema_enabled else None
+
+    def fp32_state(self):
+        return {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, step, scale, decay):
@@ -1946,7 +1936,7 @@ class WeightAverager:
                 {k: v / self.swa_count for k, v in self.swa.items()}
         if self.ema is not None:
             return "ema", self.ema
-        return "raw", {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
+        return "raw", self.fp32_state()
 
 
 class Logger:
@@ -1981,19 +1971,18 @@ class HostCopy:
             self.event.record()
 
     def get(self):
-        if self.event is not None:
+        if self.event:
             self.event.synchronize()
         return self.host.tolist()
 
 
 class Trainer:
-    """The training loop; per-rank checkpoints resume exactly; SIGTERM / SIGINT stop all ranks at one step."""
+    """Per-rank checkpoints resume exactly; SIGTERM / SIGINT stop all ranks at the same step."""
 
     def __init__(self, ev, model, qat_layers, grad_accum_steps):
         args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
         self.args, self.device, self.rank, self.world_size, self.log = args, ev.device, ev.rank, ev.world_size, ev.log
-        self.grad_accum_steps = grad_accum_steps
-        self.local_tokens = args.train_batch_tokens // (ev.world_size * grad_accum_steps)
+        self.grad_accum_steps, self.local_tokens = grad_accum_steps, args.train_batch_tokens // (ev.world_size * grad_accum_steps)
         self.optimizers, self.muon = build_optimizers(ev.base_model, args, fused=ev.device.type == "cuda")
         self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, ev.rank, ev.world_size, ev.device)
         self.averager = WeightAverager(ev.base_model, args)
@@ -2007,8 +1996,8 @@ class Trainer:
             torch.cuda.synchronize()
 
     def train_step(self, step, scale, seq_len):
-        loss = forward_backward(self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device,
-                                seq_len)
+        loss = forward_backward(
+            self.model, self.loader, self.args, self.grad_accum_steps, self.local_tokens, self.device, seq_len)
         optimizer_step(self.base_model, self.optimizers, self.muon, self.args, step, scale)
         return loss
 
@@ -2016,17 +2005,19 @@ class Trainer:
         """Compile and prime every path, then restore the weights, optimizers, data."""
         if self.args.warmup_steps <= 0:
             return
-        init_model = copy.deepcopy(self.base_model.state_dict())
-        init_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        init = copy.deepcopy(dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers]))
         variants = graph_variants(self.args)
         for ws in range(self.args.warmup_steps):
             self.base_model.loop_passes, seq_len = variants[ws % len(variants)]
             self.train_step(0, 1.0, seq_len)
             self.log(f"warmup_step:{ws + 1}/{self.args.warmup_steps}")
-        self.base_model.load_state_dict(init_model)
-        for opt, st in zip(self.optimizers, init_opts):
-            opt.load_state_dict(st)
-        self.loader.seek(0, 0)
+        self.restore(init, data=(0, 0))
+
+    def restore(self, st, data):
+        self.base_model.load_state_dict(st["model"])
+        for opt, o in zip(self.optimizers, st["optimizers"]):
+            opt.load_state_dict(o)
+        self.loader.seek(*data)
 
     def state(self):
         a, loader = self.averager, self.loader
@@ -2052,11 +2043,8 @@ class Trainer:
         changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))
         if changed:
             self.log(f"WARNING: settings changed since the checkpoint: {', '.join(changed)}")
-        self.base_model.load_state_dict(st["model"])
-        for opt, o in zip(self.optimizers, st["optimizers"]):
-            opt.load_state_dict(o)
+        self.restore(st, st["data"])
         self.averager.ema, self.averager.swa, self.averager.swa_count = st["averager"]
-        self.loader.seek(*st["data"])
         self.step, self.train_ms, self.qat_on = st["step"], st["train_ms"], st["qat_on"]
         if self.qat_on:
             refresh_qat(self.qat_layers, clip_ratios(self.args))
@@ -2074,13 +2062,14 @@ class Trainer:
         pending = None  # the flags (a HostCopy), read a step late: no GPU stall
         self.sync()
         t0 = time.perf_counter()
+        ms = lambda: self.train_ms + 1000 * (time.perf_counter() - t0)  # t0 read at each call
         try:
             while True:
                 step = self.step
                 last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
                 if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
                     self.sync()
-                    self.train_ms += 1000 * (time.perf_counter() - t0)
+                    self.train_ms = ms()
                     val_loss, val_bpb = evaluate("roundtrip")
                     log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                         f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(step, 1):.2f}ms")
@@ -2090,7 +2079,7 @@ class Trainer:
                     if self.signal is None and stop_after_step is not None and step < args.iterations:
                         log(f"stopping_early: wallclock_cap train_time:{self.train_ms:.0f}ms step:{step}/{args.iterations}")
                     break
-                elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
+                elapsed_ms = ms()
                 scale = lr_scale(args, step, elapsed_ms, self.cap_ms)
                 progress = step / max(args.iterations, 1) if self.cap_ms is None else elapsed_ms / self.cap_ms
                 seq_len = apply_schedules(self.base_model, self.muon, args, step, progress, seq_len, log)
@@ -2102,12 +2091,12 @@ class Trainer:
                     refresh_qat(self.qat_layers, clip_ratios(args))
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
-                approx_ms = self.train_ms + 1000 * (time.perf_counter() - t0)
+                approx_ms = ms()
                 if pending is not None:  # ready while this step runs
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
                 # torch.full launches a fill; torch.tensor(x, device=cuda) syncs.
-                flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in
-                                                      (self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
+                flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in (
+                    self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
                     dist.all_reduce(flags)  # a NaN or a signal anywhere: all stop together
                 pending = HostCopy(flags)
