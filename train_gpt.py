@@ -33,10 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Env vars (README "Configuration"); SMOKE=1: tiny, for a CPU.
 # -----------------------------
 
-KNOWN_ENV = {}  # name -> default
-SETTINGS = {}  # name -> value
-ENV_ERRORS = []  # unparsable values
-RANGES = {}  # name -> range, checked first: later checks divide by these
+KNOWN_ENV, ENV_ERRORS, RANGES = {}, [], {}  # name -> value; unparsable values; name -> range
 IN_RANGE = {">= 1": lambda v: not v < 1, ">= 0": lambda v: not v < 0, "> 0": lambda v: v > 0,
             "in [0, 1)": lambda v: 0 <= v < 1}
 
@@ -50,23 +47,17 @@ class DataError(ValueError):
 
 
 def env(name, default, must=None):
-    """The env var `name` as the type of `default` (the PRESET's if set); `must`: a key of IN_RANGE."""
-    default = KNOWN_ENV[name] = SETTINGS[name] = PRESETS.get(PRESET, {}).get(name, default)
+    """Env var `name` as the type of `default` (the PRESET's if set); `must`: a key of IN_RANGE."""
+    default = KNOWN_ENV[name] = PRESETS.get(PRESET, {}).get(name, default)
     if must:
         RANGES[name] = must
     if (raw := os.environ.get(name)) is not None:
         try:
-            SETTINGS[name] = (type(default)(raw) if not isinstance(default, bool)
-                              else {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()])
+            KNOWN_ENV[name] = (type(default)(raw) if not isinstance(default, bool)
+                               else {"0": False, "1": True, "false": False, "true": True}[raw.strip().lower()])
         except (KeyError, ValueError):
             ENV_ERRORS.append(f"{name}={raw!r} is not a valid {type(default).__name__}")
-    return SETTINGS[name]
-
-
-def settings_as_attributes(cls):
-    for name, value in SETTINGS.items():
-        setattr(cls, name.lower(), value)
-    return cls
+    return KNOWN_ENV[name]
 
 
 PRESET, PRESETS = os.environ.get("PRESET", "seeds"), {}
@@ -94,9 +85,7 @@ PRESETS["top"] = dict(
              TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"), {}))
 
 
-# env("NAME", default) sets attribute name.lower()
-@settings_as_attributes
-class Hyperparameters:
+class Hyperparameters:  # env("NAME", default) sets attribute name.lower()
     # Data and run.
     env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
     env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
@@ -258,6 +247,10 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
+for name, value in KNOWN_ENV.items():
+    setattr(Hyperparameters, name.lower(), value)
+
+
 def misspelt_env_warnings():
     out = []
     for name in sorted(os.environ):
@@ -331,10 +324,9 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"EVAL_STRIDE={args.eval_stride} must be in 1..EVAL_SEQ_LEN={args.eval_seq_len}")
     if int(args.mlp_mult * args.model_dim) < 1:
         err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
-    if args.bigram_vocab_size == 1 or args.bigram_vocab_size < 0:
+    if 0 != args.bigram_vocab_size < 2:
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
-    if not all(2 <= b <= 8 or b == 16 for b in (args.attn_bits, args.mlp_bits, args.embed_bits)) \
-            or not 2 <= args.awq_bits <= 8 or not 2 <= args.lqer_bits <= 8:
+    if any(not 2 <= b <= 8 for b in {args.attn_bits, args.mlp_bits, args.embed_bits} - {16} | {args.awq_bits, args.lqer_bits}):
         err.append("ATTN_BITS, MLP_BITS, EMBED_BITS (or 16: fp16), AWQ_BITS and LQER_BITS must be in 2..8")
     try:
         quant_overrides(args)
@@ -344,9 +336,7 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be numbers in (0, 1]")
     if not 0 <= args.prune_frac < args.fit_max_prune_frac < 1:
         err.append("0 <= PRUNE_FRAC < FIT_MAX_PRUNE_FRAC < 1 is required")
-    for name, path in (("EVAL_ONLY", args.eval_only), ("QUANT_ONLY", args.quant_only)):
-        if path and not os.path.isfile(path):
-            err.append(f"{name}={path}: no such file")
+    err += [f"{n}={value[n]}: no such file" for n in ("EVAL_ONLY", "QUANT_ONLY") if value[n] and not os.path.isfile(value[n])]
     if args.resume and not os.path.isdir(args.resume):
         err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
     modes = final_modes(args)
@@ -399,11 +389,12 @@ def validate_config(args, world_size, grad_accum_steps):
 # -----------------------------
 
 # Polar Express (Amsel et al. 2025): each quintic optimal for the spectrum the last leaves.
-POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
 def ns_coefficients(spec):
@@ -428,9 +419,8 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 class Muon(torch.optim.Optimizer):
     """Rank r orthogonalizes params r, r + world, ...; each round's all-reduce overlaps the next."""
 
-    def __init__(self, params, lr, momentum, backend_steps, coeffs, weight_decay, row_norm=False, normuon_beta2=0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, coeffs=tuple(coeffs),
-                                      weight_decay=weight_decay))
+    def __init__(self, params, row_norm=False, normuon_beta2=0.0, **group):  # lr, momentum, backend_steps, coeffs, weight_decay
+        super().__init__(params, group)
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
     def orthogonalize(self, p, g, group):
@@ -485,12 +475,9 @@ def build_sentencepiece_luts(sp, vocab_size, device):
     for t in range(pieces):
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
             continue
-        is_boundary[t], piece = False, sp.id_to_piece(t)
-        if sp.is_byte(t):
-            base_bytes[t] = 1
-        else:
-            has_leading_space[t] = piece.startswith("\u2581")
-            base_bytes[t] = len(piece.removeprefix("\u2581").encode())
+        is_boundary[t], piece = False, sp.id_to_piece(t)  # a byte piece is "<0x..>"
+        has_leading_space[t] = piece.startswith("\u2581")
+        base_bytes[t] = 1 if sp.is_byte(t) else len(piece.removeprefix("\u2581").encode())
     return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary))
 
 
@@ -564,20 +551,16 @@ class DistributedTokenLoader:
         self.file_idx, self.pos = file_idx, pos
         self.tokens = load_data_shard(self.files[file_idx], self.vocab_size)
 
-    def take(self, n):
-        parts = []
+    def next_batch(self, local_tokens, seq_len):
+        span, parts = local_tokens + 1, []
+        n = span * self.world_size
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.seek((self.file_idx + 1) % len(self.files), 0)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
-        return np.concatenate(parts)
-
-    def next_batch(self, local_tokens, seq_len):
-        span = local_tokens + 1
-        chunk = self.take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        local = torch.from_numpy(np.concatenate(parts)[self.rank * span:(self.rank + 1) * span].astype(np.int64))
         if self.device.type == "cuda":
             local = local.pin_memory().to(self.device, non_blocking=True)
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
@@ -593,8 +576,7 @@ def load_validation_tokens(pattern, vocab_size):
 def load_validation_bytes(pattern):
     """Each val token's original bytes from CaseOps sidecars, or None."""
     shards = shard_files(pattern, "validation")
-    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_valbytes_", 1))
-                for f in shards]
+    sidecars = [os.path.join(d, b.replace("fineweb_val_", "fineweb_valbytes_", 1)) for d, b in map(os.path.split, shards)]
     present = [os.path.isfile(f) for f in sidecars]
     if not any(present):
         return None
@@ -688,7 +670,7 @@ class Rotary(nn.Module):
             base *= (T / self.train_seq_len) ** (self.dims / (self.dims - 2))
         inv_freq = base ** (-torch.arange(0, self.dims, 2, device=device, dtype=torch.float32) / self.dims)
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        return freqs.cos()[:, None], freqs.sin()[:, None]  # (T, 1, dims / 2)
 
 
 def apply_rotary(x, cos, sin):
