@@ -85,98 +85,99 @@ PRESETS["top"] = dict(
              TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"), {}))
 
 
-class Hyperparameters:  # env("NAME", default) sets attribute name.lower()
-    # Data and run.
-    env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-    env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-    env("VOCAB_SIZE", S(1024, 512))
-    env("RUN_ID", str(uuid.uuid4()))
-    env("SEED", 1337)
+# Data and run.
+env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+env("VOCAB_SIZE", S(1024, 512))
+env("RUN_ID", str(uuid.uuid4()))
+env("SEED", 1337)
 
-    # Schedule.
-    env("ITERATIONS", S(20000, 40), ">= 0")
-    env("WARMUP_STEPS", S(20, 2), ">= 0")  # compile priming, undone
-    env("WARMDOWN_ITERS", S(3500, 15), ">= 0")
-    env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0), ">= 0")
-    env("TRAIN_BATCH_TOKENS", S(786_432, 4096), ">= 1")
-    env("GRAD_ACCUM_STEPS", 0, ">= 0")  # 0: 8 // WORLD_SIZE, as officially
-    train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128), ">= 1")
-    eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len, ">= 1")
-    env("EVAL_STRIDE", S(64, 32), ">= 1")
-    env("VAL_BATCH_SIZE", S(524_288, 16384), ">= 1")
-    env("VAL_LOSS_EVERY", S(4000, 20), ">= 0")
-    env("TRAIN_LOG_EVERY", S(200, 10), ">= 1")
+# Schedule.
+env("ITERATIONS", S(20000, 40), ">= 0")
+env("WARMUP_STEPS", S(20, 2), ">= 0")  # compile priming, undone
+env("WARMDOWN_ITERS", S(3500, 15), ">= 0")
+env("MAX_WALLCLOCK_SECONDS", S(600.0, 0.0), ">= 0")
+env("TRAIN_BATCH_TOKENS", S(786_432, 4096), ">= 1")
+env("GRAD_ACCUM_STEPS", 0, ">= 0")  # 0: 8 // WORLD_SIZE, as officially
+train_seq_len = env("TRAIN_SEQ_LEN", S(2048, 128), ">= 1")
+eval_seq_len = env("EVAL_SEQ_LEN", train_seq_len, ">= 1")
+env("EVAL_STRIDE", S(64, 32), ">= 1")
+env("VAL_BATCH_SIZE", S(524_288, 16384), ">= 1")
+env("VAL_LOSS_EVERY", S(4000, 20), ">= 0")
+env("TRAIN_LOG_EVERY", S(200, 10), ">= 1")
 
-    # Model.
-    env("NUM_LAYERS", S(11, 3), ">= 1")
-    env("MODEL_DIM", S(512, 64), ">= 1")
-    env("NUM_HEADS", S(8, 4), ">= 1")
-    env("NUM_KV_HEADS", S(4, 2), ">= 1")
-    env("MLP_MULT", 3.0, "> 0")
-    env("LEAKY_RELU_SLOPE", 0.5)
-    env("TIE_EMBEDDINGS", True)
-    env("TIED_EMBED_INIT_STD", 0.005, "> 0")
-    env("ROPE_BASE", 10000.0, "> 0")
-    env("ROPE_DIMS", S(16, 8))
-    env("LOGIT_SOFTCAP", 30.0, "> 0")
-    env("QK_GAIN_INIT", 1.5)
-    env("LN_SCALE", True)
-    env("XSA_LAST_N", 11, ">= 0")
-    env("BIGRAM_VOCAB_SIZE", S(2048, 256))
-    env("BIGRAM_DIM", S(128, 32), ">= 1")
-    env("SMEAR_ENABLED", True)
-    env("UNET_SKIPS", True)
-    env("VE_ENABLED", True)
-    env("VE_DIM", S(128, 32), ">= 1")
-    env("VE_LAYERS", "-2,-1")  # python-style indices
+# Model.
+env("NUM_LAYERS", S(11, 3), ">= 1")
+env("MODEL_DIM", S(512, 64), ">= 1")
+env("NUM_HEADS", S(8, 4), ">= 1")
+env("NUM_KV_HEADS", S(4, 2), ">= 1")
+env("MLP_MULT", 3.0, "> 0")
+env("LEAKY_RELU_SLOPE", 0.5)
+env("TIE_EMBEDDINGS", True)
+env("TIED_EMBED_INIT_STD", 0.005, "> 0")
+env("ROPE_BASE", 10000.0, "> 0")
+env("ROPE_DIMS", S(16, 8))
+env("LOGIT_SOFTCAP", 30.0, "> 0")
+env("QK_GAIN_INIT", 1.5)
+env("LN_SCALE", True)
+env("XSA_LAST_N", 11, ">= 0")
+env("BIGRAM_VOCAB_SIZE", S(2048, 256))
+env("BIGRAM_DIM", S(128, 32), ">= 1")
+env("SMEAR_ENABLED", True)
+env("UNET_SKIPS", True)
+env("VE_ENABLED", True)
+env("VE_DIM", S(128, 32), ">= 1")
+env("VE_LAYERS", "-2,-1")  # python-style indices
 
-    # Optimizers.
-    env("MATRIX_LR", 0.025, ">= 0")
-    env("SCALAR_LR", 0.025, ">= 0")
-    env("TIED_EMBED_LR", 0.035, ">= 0")
-    env("EMBED_LR", 0.6, ">= 0")
-    env("HEAD_LR", 0.008, ">= 0")
-    env("MUON_MOMENTUM", 0.99, "in [0, 1)")
-    env("MUON_MOMENTUM_WARMUP_START", 0.92, "in [0, 1)")
-    env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10), ">= 0")
-    env("MUON_BACKEND_STEPS", 5, ">= 1")
-    env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
-    env("MUON_WD", 0.04, ">= 0")
-    env("ADAM_WD", 0.04, ">= 0")
-    env("BETA1", 0.9, "in [0, 1)")
-    env("BETA2", 0.95, "in [0, 1)")
-    env("ADAM_EPS", 1e-8, "> 0")
-    env("GRAD_CLIP_NORM", 0.3, ">= 0")
+# Optimizers.
+env("MATRIX_LR", 0.025, ">= 0")
+env("SCALAR_LR", 0.025, ">= 0")
+env("TIED_EMBED_LR", 0.035, ">= 0")
+env("EMBED_LR", 0.6, ">= 0")
+env("HEAD_LR", 0.008, ">= 0")
+env("MUON_MOMENTUM", 0.99, "in [0, 1)")
+env("MUON_MOMENTUM_WARMUP_START", 0.92, "in [0, 1)")
+env("MUON_MOMENTUM_WARMUP_STEPS", S(1500, 10), ">= 0")
+env("MUON_BACKEND_STEPS", 5, ">= 1")
+env("MUON_NS_COEFFS", "3.4445,-4.7750,2.0315")
+env("MUON_WD", 0.04, ">= 0")
+env("ADAM_WD", 0.04, ">= 0")
+env("BETA1", 0.9, "in [0, 1)")
+env("BETA2", 0.95, "in [0, 1)")
+env("ADAM_EPS", 1e-8, "> 0")
+env("GRAD_CLIP_NORM", 0.3, ">= 0")
 
-    # Weight averaging.
-    env("EMA_ENABLED", True)
-    env("EMA_DECAY", S(0.997, 0.9), "in [0, 1)")
-    env("SWA_ENABLED", False)
-    env("SWA_EVERY", S(50, 5), ">= 1")
-    env("SWA_START_SCALE", 0.2)
+# Weight averaging.
+env("EMA_ENABLED", True)
+env("EMA_DECAY", S(0.997, 0.9), "in [0, 1)")
+env("SWA_ENABLED", False)
+env("SWA_EVERY", S(50, 5), ">= 1")
+env("SWA_START_SCALE", 0.2)
 
-    # Export.
-    env("ATTN_BITS", 6)
-    env("MLP_BITS", 6)
-    env("EMBED_BITS", 8)  # 16: fp16
-    # SMOKE quantizes its small matrices too (GPTQ, QAT).
-    env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
-    env("QUANT_METHOD", "gptq")
-    env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
-    env("GPTQ_BLOCK_SIZE", 128, ">= 1")
-    env("GPTQ_DAMP", 0.01, "> 0")
-    env("GPTQ_CALIB_BATCHES", S(8, 4), ">= 1")
-    env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0), ">= 0")
-    env("LATE_QAT_THRESHOLD", 0.15, ">= 0")
-    env("PRUNE_FRAC", 0.0)
-    env("COMPRESSOR", "zstd")
-    env("ZSTD_LEVEL", 22, ">= 1")
-    env("ARTIFACT_CAP", 16_000_000, ">= 1")
-    env("FIT_MAX_PRUNE_FRAC", 0.5)
-    env("EVAL_ONLY", "")
-    env("QUANT_ONLY", "")
-    env("RESUME", "")
+# Export.
+env("ATTN_BITS", 6)
+env("MLP_BITS", 6)
+env("EMBED_BITS", 8)  # 16: fp16
+# SMOKE quantizes its small matrices too (GPTQ, QAT).
+env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
+env("QUANT_METHOD", "gptq")
+env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
+env("GPTQ_BLOCK_SIZE", 128, ">= 1")
+env("GPTQ_DAMP", 0.01, "> 0")
+env("GPTQ_CALIB_BATCHES", S(8, 4), ">= 1")
+env("GPTQ_RESERVE_SECONDS", S(10.0, 0.0), ">= 0")
+env("LATE_QAT_THRESHOLD", 0.15, ">= 0")
+env("PRUNE_FRAC", 0.0)
+env("COMPRESSOR", "zstd")
+env("ZSTD_LEVEL", 22, ">= 1")
+env("ARTIFACT_CAP", 16_000_000, ">= 1")
+env("FIT_MAX_PRUNE_FRAC", 0.5)
+env("EVAL_ONLY", "")
+env("QUANT_ONLY", "")
+env("RESUME", "")
 
+
+class Hyperparameters:  # every env("NAME", default) as attribute name.lower(), set below
     # Evaluation.
     env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
     # 400 s leaves the other passes room in 600 s.
@@ -212,39 +213,40 @@ class Hyperparameters:  # env("NAME", default) sets attribute name.lower()
     env("NGRAM_ENTROPY_BINS", 8, ">= 1")
     env("NGRAM_CHUNK", 512, ">= 1")
 
-    # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
-    env("PRESET", "seeds")
-    env("LOOP_LAYERS", "")
-    env("LOOP_REPEATS", 2, ">= 1")
-    env("LOOP_START_FRAC", 0.0, "in [0, 1)")
-    env("PARALLEL_FROM", 0, ">= 0")
-    env("ATTN_GATE_DIMS", 0, ">= 0")
-    env("MUON_ROW_NORM", False)
-    env("NORMUON", False)
-    env("NORMUON_BETA2", 0.95, "in [0, 1)")
-    env("MIN_LR", 0.0, "in [0, 1)")
-    env("MUON_WD_TAPER_START", 1.0, ">= 0")
-    env("MUON_WD_FINAL", 0.0, ">= 0")
-    env("EMA_HALF_LIFE_FRAC", 0.0, ">= 0")
-    env("SEQ_LEN_SCHEDULE", "")
-    env("EMBED_CLIP_SIGMAS", 0.0, ">= 0")
-    env("EMBED_GPTQ", False)
-
-    # The April records' export: SDClip per class (0: clip search), AWQ-lite, LQER.
-    env("ATTN_CLIP_SIGMAS", 0.0, ">= 0")
-    env("MLP_CLIP_SIGMAS", 0.0, ">= 0")
-    env("AWQ_GROUP", 0, ">= 0")  # most salient columns kept at AWQ_BITS
-    env("AWQ_BITS", 8)
-    env("LQER_RANK", 0, ">= 0")
-    env("LQER_TOP_K", 3, ">= 1")
-    env("LQER_BITS", 4)
-
-    # Runtime.
-    env("COMPILE", True)
-    env("ATTN_BACKEND", "auto")
-
     train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
+
+
+# The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
+env("PRESET", "seeds")
+env("LOOP_LAYERS", "")
+env("LOOP_REPEATS", 2, ">= 1")
+env("LOOP_START_FRAC", 0.0, "in [0, 1)")
+env("PARALLEL_FROM", 0, ">= 0")
+env("ATTN_GATE_DIMS", 0, ">= 0")
+env("MUON_ROW_NORM", False)
+env("NORMUON", False)
+env("NORMUON_BETA2", 0.95, "in [0, 1)")
+env("MIN_LR", 0.0, "in [0, 1)")
+env("MUON_WD_TAPER_START", 1.0, ">= 0")
+env("MUON_WD_FINAL", 0.0, ">= 0")
+env("EMA_HALF_LIFE_FRAC", 0.0, ">= 0")
+env("SEQ_LEN_SCHEDULE", "")
+env("EMBED_CLIP_SIGMAS", 0.0, ">= 0")
+env("EMBED_GPTQ", False)
+
+# The April records' export: SDClip per class (0: clip search), AWQ-lite, LQER.
+env("ATTN_CLIP_SIGMAS", 0.0, ">= 0")
+env("MLP_CLIP_SIGMAS", 0.0, ">= 0")
+env("AWQ_GROUP", 0, ">= 0")  # most salient columns kept at AWQ_BITS
+env("AWQ_BITS", 8)
+env("LQER_RANK", 0, ">= 0")
+env("LQER_TOP_K", 3, ">= 1")
+env("LQER_BITS", 4)
+
+# Runtime.
+env("COMPILE", True)
+env("ATTN_BACKEND", "auto")
 
 
 for name, value in KNOWN_ENV.items():
