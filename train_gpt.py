@@ -177,44 +177,40 @@ env("QUANT_ONLY", "")
 env("RESUME", "")
 
 
-class Hyperparameters:  # every env("NAME", default) as attribute name.lower(), set below
-    # Evaluation.
-    env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
-    # 400 s leaves the other passes room in 600 s.
-    env("TTT_MAX_SECONDS", S(400.0, 0.0), ">= 0")
-    env("TTT_CHUNK_TOKENS", S(32768, 512), ">= 1")
-    env("TTT_EPOCHS", S(3, 1), ">= 0")
-    env("TTT_LR", 0.002, ">= 0")
-    env("TTT_MOMENTUM", 0.9, ">= 0")
-    env("TTT_FREEZE_BLOCKS", 0, ">= 0")
-    env("TTT_BATCH_SEQS", S(32, 4), ">= 1")
-    env("TTT_GRAD_CLIP", 1.0, ">= 0")
-    env("TTT_LORA_RANK", 8, ">= 1")
-    env("TTT_LORA_LR", 0.01, ">= 0")
-    ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, ">= 1")
-    env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), ">= 1")  # a chunk has >= 3/4 window of context
-    env("TTT_LORA_BATCH", S(64, 8), ">= 1")
-    env("TTT_LORA_TARGETS", "q,v,head")  # of q, k, v, o, mlp, head
-    env("TTT_SHORT_CHUNKS", "")  # "256:8,2000:24": documents of up to 256 tokens in chunks of 8, ...
-    env("TTT_ASYM_SOFTCAP", False)
-    env("PHASED_TTT_PREFIX_DOCS", S(2000, 8), ">= 1")
-    env("PHASED_TTT_NUM_PHASES", 3, ">= 1")
-    env("TTT_LOCAL_LR_MULT", 1.0, ">= 0")
-    env("TTT_WARM_START_A", False)
-    env("TILT_ORDERS", "16")
-    env("TILT_MIN_COUNT", 2, ">= 1")
-    env("TILT_THRESHOLD", 0.8, "> 0")
-    env("TILT_BOOST", 2.625, ">= 0")
-    env("NGRAM_ORDER", 4)
-    env("NGRAM_BUCKETS", S(65536, 4096), ">= 1")
-    env("NGRAM_PRIOR", 3.0, "> 0")
-    env("NGRAM_ETA", 0.01, ">= 0")
-    env("NGRAM_INIT_WEIGHT", 0.1)
-    env("NGRAM_ENTROPY_BINS", 8, ">= 1")
-    env("NGRAM_CHUNK", 512, ">= 1")
-
-    train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
-    val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
+# Evaluation.
+env("FINAL_EVAL", "roundtrip,sliding_window,lora+ngram")
+# 400 s leaves the other passes room in 600 s.
+env("TTT_MAX_SECONDS", S(400.0, 0.0), ">= 0")
+env("TTT_CHUNK_TOKENS", S(32768, 512), ">= 1")
+env("TTT_EPOCHS", S(3, 1), ">= 0")
+env("TTT_LR", 0.002, ">= 0")
+env("TTT_MOMENTUM", 0.9, ">= 0")
+env("TTT_FREEZE_BLOCKS", 0, ">= 0")
+env("TTT_BATCH_SEQS", S(32, 4), ">= 1")
+env("TTT_GRAD_CLIP", 1.0, ">= 0")
+env("TTT_LORA_RANK", 8, ">= 1")
+env("TTT_LORA_LR", 0.01, ">= 0")
+ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, ">= 1")
+env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), ">= 1")  # a chunk has >= 3/4 window of context
+env("TTT_LORA_BATCH", S(64, 8), ">= 1")
+env("TTT_LORA_TARGETS", "q,v,head")  # of q, k, v, o, mlp, head
+env("TTT_SHORT_CHUNKS", "")  # "256:8,2000:24": documents of up to 256 tokens in chunks of 8, ...
+env("TTT_ASYM_SOFTCAP", False)
+env("PHASED_TTT_PREFIX_DOCS", S(2000, 8), ">= 1")
+env("PHASED_TTT_NUM_PHASES", 3, ">= 1")
+env("TTT_LOCAL_LR_MULT", 1.0, ">= 0")
+env("TTT_WARM_START_A", False)
+env("TILT_ORDERS", "16")
+env("TILT_MIN_COUNT", 2, ">= 1")
+env("TILT_THRESHOLD", 0.8, "> 0")
+env("TILT_BOOST", 2.625, ">= 0")
+env("NGRAM_ORDER", 4)
+env("NGRAM_BUCKETS", S(65536, 4096), ">= 1")
+env("NGRAM_PRIOR", 3.0, "> 0")
+env("NGRAM_ETA", 0.01, ">= 0")
+env("NGRAM_INIT_WEIGHT", 0.1)
+env("NGRAM_ENTROPY_BINS", 8, ">= 1")
+env("NGRAM_CHUNK", 512, ">= 1")
 
 
 # The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
@@ -247,6 +243,11 @@ env("LQER_BITS", 4)
 # Runtime.
 env("COMPILE", True)
 env("ATTN_BACKEND", "auto")
+
+
+class Hyperparameters:  # every env("NAME", default) as attribute name.lower(), set here
+    train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
+    val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
 
 for name, value in KNOWN_ENV.items():
