@@ -861,7 +861,6 @@ class GPT(nn.Module):
 # -----------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "lora", "phased")
-ISOLATED_MODES = ("lora",)  # nothing crosses a document start
 AUDIT_PROBES = 4  # projections of an audited distribution
 AUDIT_MAX_NOISE = 1e-2  # nats: a noisier mode hides leaks in its noise
 
@@ -991,14 +990,6 @@ class Budget:
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
         return self.seconds <= 0 or time.perf_counter() - self.t0 + 1.2 * rest + self.step_s < self.seconds
 
-    def agree(self, ev, frac_scored):
-        """adapt_ok on every rank (all stop at the same step), and never again after a stop."""
-        ok = torch.tensor(float(not self.skipped and self.adapt_ok(frac_scored)), device=ev.device)
-        if ev.world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        self.skipped += not ok.item()
-        return bool(ok.item())
-
     def report(self, ev, mode):
         if self.skipped:
             ev.log(f"{mode}:budget TTT_MAX_SECONDS={self.seconds:.0f} reached on rank {ev.rank}: {self.skipped} "
@@ -1008,9 +999,13 @@ class Budget:
 def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
     """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (all scored: now marked used), chunk
     by chunk at TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step, gradients summed."""
-    if not budget.agree(ev, frac_scored):
-        return
     t, args, model, world_size = time.perf_counter(), ev.args, ev.base_model, ev.world_size
+    ok = torch.tensor(float(not budget.skipped and budget.adapt_ok(frac_scored)), device=ev.device)
+    if world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks adapt, or none
+    if not ok.item():
+        budget.skipped += 1
+        return
     model.requires_grad_(True)
     for blk in model.blocks[:args.ttt_freeze_blocks]:
         blk.requires_grad_(False)
@@ -1055,8 +1050,8 @@ LORA_SITES = dict(q=lambda b: b.attn.c_q, k=lambda b: b.attn.c_k, v=lambda b: b.
 
 
 class DocLoRA(nn.Module):
-    """Per-document rank-r adapters on TTT_LORA_TARGETS (`mlp`: beside the MLP, from its input); B starts at 0 and
-    A the same for all (seeded, or phased's warm start): scores independent of batching."""
+    """Per-document rank-r adapters on TTT_LORA_TARGETS (`mlp`: beside the MLP); B starts at 0, A the same for all
+    (seeded, or phased's warm start): scores independent of batching."""
 
     def __init__(self, model, n_docs, args, device, warm_a=None):
         super().__init__()
@@ -1083,8 +1078,8 @@ def short_chunks(args):
 
 
 def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, frac=(0.0, 1.0)):
-    """Per-document score-first LoRA TTT of `docs` (all), dealt to the ranks longest first; eager: the hooks
-    change the graph. Returns the sum of the documents' last A; `frac`: of all targets, scored before and after."""
+    """Per-document score-first LoRA TTT of `docs` (all) dealt to the ranks longest first, eager (hooks change the
+    graph). `frac`: share of all targets scored before and after. Returns the sum of the documents' last A."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     docs = np.arange(len(starts)) if docs is None else docs
@@ -1270,12 +1265,13 @@ def tilt_hints(tokens, args, device):
         ks, nxt, idx = key[order], u[k:k + m][order], torch.arange(m, device=device)
         first = torch.cat((torch.ones(1, dtype=torch.bool, device=device), ks[1:] != ks[:-1]))
         seen = idx - torch.cummax(torch.where(first, idx, 0), 0).values  # earlier targets in this context
-        by_next = torch.argsort(nxt, stable=True)
-        pair = by_next[torch.argsort(ks[by_next], stable=True)]  # grouped by (context, next token), in time
-        pfirst = torch.cat((first[:1], (ks[pair][1:] != ks[pair][:-1]) | (nxt[pair][1:] != nxt[pair][:-1])))
+        group = torch.cumsum(first, 0)
+        pair_key = group * V + nxt
+        pair = torch.argsort(pair_key, stable=True)  # grouped by (context, next token), in time
+        pfirst = torch.cat((first[:1], pair_key[pair][1:] != pair_key[pair][:-1]))
         count = torch.empty_like(idx)
         count[pair] = idx - torch.cummax(torch.where(pfirst, idx, 0), 0).values + 1
-        best, group, d = count * V + nxt, torch.cumsum(first, 0), 1
+        best, d = count * V + nxt, 1
         while d < m:  # running max of (count, token) within each context: doubling scan
             best[d:] = torch.where(group[d:] == group[:-d], torch.maximum(best[d:], best[:-d]), best[d:])
             d *= 2
@@ -1343,7 +1339,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
             vars(args).update(saved)
 
     t0, net, seconds = time.perf_counter(), mode.partition("+")[0], []
-    g, isolated = torch.Generator().manual_seed(args.seed), net in ISOLATED_MODES
+    g, isolated = torch.Generator().manual_seed(args.seed), net == "lora"  # nothing may cross a document start
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "phased" else 0)
     many = net in ("lora", "phased")  # documents for several batches (phases)
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if many else 0, args, g)
