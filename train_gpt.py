@@ -1,5 +1,4 @@
-"""Parameter Golf trainer (README): trains a GPT, exports it quantized and compressed, scores the reloaded artifact
-in bits per byte."""
+"""Parameter Golf (README): train a GPT, export it quantized and compressed, score the reloaded artifact in BPB."""
 import copy
 import difflib
 import functools
@@ -33,13 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Env vars (README "Configuration"); SMOKE=1: tiny, for a CPU.
 # -----------------------------
 
-KNOWN_ENV, ENV_ERRORS, RANGES = {}, [], {}  # name -> value; unparsable values; name -> range
+KNOWN_ENV, ENV_ERRORS, RANGES = {}, [], {}  # name -> value; parse errors; name -> rule
 IN_RANGE = {">= 1": lambda v: not v < 1, ">= 0": lambda v: not v < 0, "> 0": lambda v: v > 0,
             "in [0, 1)": lambda v: 0 <= v < 1}
 
 
 class ConfigError(ValueError):
-    """An impossible setting: reported before any compute."""
+    """An impossible setting, caught before any compute."""
 
 
 class DataError(ValueError):
@@ -47,7 +46,7 @@ class DataError(ValueError):
 
 
 def env(name, default, must=None):
-    """Env var `name` as the type of `default` (the PRESET's if set); `must`: a key of IN_RANGE."""
+    """Env var `name`, typed as `default` (the PRESET's if set); `must`: an IN_RANGE key."""
     default = KNOWN_ENV[name] = PRESETS.get(PRESET, {}).get(name, default)
     if must:
         RANGES[name] = must
@@ -127,7 +126,7 @@ env("SMEAR_ENABLED", True)
 env("UNET_SKIPS", True)
 env("VE_ENABLED", True)
 env("VE_DIM", S(128, 32), ">= 1")
-env("VE_LAYERS", "-2,-1")  # python-style indices
+env("VE_LAYERS", "-2,-1")  # python indices
 
 # Optimizers.
 env("MATRIX_LR", 0.025, ">= 0")
@@ -158,7 +157,7 @@ env("SWA_START_SCALE", 0.2)
 env("ATTN_BITS", 6)
 env("MLP_BITS", 6)
 env("EMBED_BITS", 8)  # 16: fp16
-# SMOKE quantizes its small matrices too (GPTQ, QAT).
+# SMOKE also quantizes its small matrices.
 env("QUANT_OVERRIDES", S("", r"\.(c_q|c_k|c_v|proj|fc)\.weight$:6"))
 env("QUANT_METHOD", "gptq")
 env("QUANT_CLIP_RATIOS", "1.0,0.995,0.99,0.98,0.97,0.95,0.92,0.9")
@@ -213,7 +212,7 @@ env("NGRAM_ENTROPY_BINS", 8, ">= 1")
 env("NGRAM_CHUNK", 512, ">= 1")
 
 
-# The April stack (PRESET=top). Progress: step / ITERATIONS, or time / cap.
+# The April stack (PRESET=top). Progress: step / ITERATIONS or time / cap.
 env("PRESET", "seeds")
 env("LOOP_LAYERS", "")
 env("LOOP_REPEATS", 2, ">= 1")
@@ -231,10 +230,10 @@ env("SEQ_LEN_SCHEDULE", "")
 env("EMBED_CLIP_SIGMAS", 0.0, ">= 0")
 env("EMBED_GPTQ", False)
 
-# The April records' export: SDClip per class (0: clip search), AWQ-lite, LQER.
+# The April export: SDClip per class (0: clip search), AWQ-lite, LQER.
 env("ATTN_CLIP_SIGMAS", 0.0, ">= 0")
 env("MLP_CLIP_SIGMAS", 0.0, ">= 0")
-env("AWQ_GROUP", 0, ">= 0")  # most salient columns kept at AWQ_BITS
+env("AWQ_GROUP", 0, ">= 0")  # most salient columns, at AWQ_BITS
 env("AWQ_BITS", 8)
 env("LQER_RANK", 0, ">= 0")
 env("LQER_TOP_K", 3, ">= 1")
@@ -245,7 +244,7 @@ env("COMPILE", True)
 env("ATTN_BACKEND", "auto")
 
 
-class Hyperparameters:  # every env("NAME", default) as attribute name.lower(), set here
+class Hyperparameters:  # each env("NAME", ...) as attribute name.lower()
     train_files = property(lambda self: os.path.join(self.data_path, "fineweb_train_*.bin"))
     val_files = property(lambda self: os.path.join(self.data_path, "fineweb_val_*.bin"))
 
@@ -259,7 +258,7 @@ def misspelt_env_warnings():
     for name in sorted(os.environ):
         if name != name.upper() and name.upper() in KNOWN_ENV:
             out.append((name, "settings are upper case", name.upper()))
-        elif name.isupper() and name not in KNOWN_ENV:  # (torchrun's RANK etc. match nothing)
+        elif name.isupper() and name not in KNOWN_ENV:  # torchrun's RANK etc. match none
             out += [(name, "not a setting", c) for c in difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)]
     return [f"WARNING: env {name} ignored: {why}, did you mean {close}?" for name, why, close in out]
 
@@ -315,7 +314,7 @@ def validate_config(args, world_size, grad_accum_steps):
     else:
         head_dim = args.model_dim // args.num_heads
         if head_dim % 2:
-            err.append(f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
+            err.append(f"MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
         if args.rope_dims % 2 or not 0 < args.rope_dims <= head_dim:
             err.append(f"ROPE_DIMS={args.rope_dims} must be even and in 2..head dim {head_dim}")
     if 8 % world_size and not args.grad_accum_steps:
@@ -336,12 +335,12 @@ def validate_config(args, world_size, grad_accum_steps):
         if not all(0 < r <= 1 for r in clip_ratios(args)):
             raise ValueError
     except ValueError as e:
-        err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be numbers in (0, 1]")
+        err.append(str(e) if isinstance(e, ConfigError) else f"QUANT_CLIP_RATIOS={args.quant_clip_ratios} must be in (0, 1]")
     if not 0 <= args.prune_frac < args.fit_max_prune_frac < 1:
         err.append("0 <= PRUNE_FRAC < FIT_MAX_PRUNE_FRAC < 1 is required")
     err += [f"{n}={value[n]}: no such file" for n in ("EVAL_ONLY", "QUANT_ONLY") if value[n] and not os.path.isfile(value[n])]
     if args.resume and not os.path.isdir(args.resume):
-        err.append(f"RESUME={args.resume}: no such checkpoint folder (runs save checkpoints/<RUN_ID>)")
+        err.append(f"RESUME={args.resume}: no such checkpoint folder (saved as checkpoints/<RUN_ID>)")
     modes = final_modes(args)
     if not modes or not all(re.fullmatch(f"({'|'.join(NETWORK_MODES)})(\\+tilt)?(\\+ngram)?", m) for m in modes):
         err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +tilt, +ngram")
@@ -363,7 +362,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if coeffs is not POLAR_EXPRESS and (len(coeffs) != 3 or not all(map(math.isfinite, coeffs))):
             raise ValueError
     except ValueError:
-        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be three numbers a,b,c or polar")
+        err.append(f"MUON_NS_COEFFS={args.muon_ns_coeffs} must be a,b,c (three numbers) or polar")
     try:
         ve_layer_indices(args)
     except ValueError as e:
@@ -373,7 +372,7 @@ def validate_config(args, world_size, grad_accum_steps):
     except ValueError:
         err.append(f"LOOP_LAYERS={args.loop_layers} must be A-B with 0 <= A <= B < NUM_LAYERS")
     if args.parallel_from >= args.num_layers or args.attn_gate_dims > args.model_dim or args.muon_wd_taper_start > 1:
-        err.append("PARALLEL_FROM < NUM_LAYERS, ATTN_GATE_DIMS <= MODEL_DIM and MUON_WD_TAPER_START <= 1 are required")
+        err.append("PARALLEL_FROM < NUM_LAYERS, ATTN_GATE_DIMS <= MODEL_DIM, MUON_WD_TAPER_START <= 1 are required")
     local = args.train_batch_tokens // (world_size * max(grad_accum_steps, 1))
     try:
         lens, until = zip(*seq_len_schedule(args))
@@ -381,14 +380,14 @@ def validate_config(args, world_size, grad_accum_steps):
                 or not 0 < until[0] or max(until[:-1], default=0) >= 1:
             raise ValueError
     except ValueError:
-        err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule}: LEN:PROGRESS,... with rising PROGRESS in (0, 1), "
-                   f"each LEN <= TRAIN_SEQ_LEN dividing {local}")
+        err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule} must be LEN:PROGRESS,... (PROGRESS rising in (0, 1), "
+                   f"LEN <= TRAIN_SEQ_LEN dividing {local})")
     raise_config_errors(err)
 
 
 # -----------------------------
 # MUON OPTIMIZER
-# Momentum, then each matrix update orthogonalized by Newton-Schulz.
+# Momentum, then each matrix update orthogonalized (Newton-Schulz).
 # -----------------------------
 
 # Polar Express (Amsel et al. 2025): each quintic optimal for the spectrum the last leaves.
@@ -405,12 +404,12 @@ def ns_coefficients(spec):
 
 
 def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
-    """~U V^T of G = U S V^T; coeffs (a, b, c), or one per iteration (the last repeats)."""
+    """~U V^T of G = U S V^T; coeffs (a, b, c), or one per step (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm() + eps)
     transposed = X.size(0) > X.size(1)
-    if transposed:  # iterate on the smaller Gram matrix
+    if transposed:  # the smaller Gram matrix
         X = X.T
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
@@ -427,10 +426,10 @@ class Muon(torch.optim.Optimizer):
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
     def orthogonalize(self, p, g, group):
-        if self.row_norm:  # MuonEq-R: unit-norm rows
+        if self.row_norm:  # MuonEq-R
             g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
         g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["coeffs"])
-        if self.normuon_beta2:  # NorMuon: rows over their running RMS, same norm
+        if self.normuon_beta2:  # NorMuon: rows over their running RMS, norm kept
             g, v = g.float(), self.state[p].setdefault("row_second_moment", torch.zeros(g.size(0), 1, device=g.device))
             v.lerp_(g.square().mean(dim=1, keepdim=True), 1 - self.normuon_beta2)
             n, g = g.norm(), g / (v.sqrt() + 1e-8)
@@ -468,7 +467,7 @@ class Muon(torch.optim.Optimizer):
 
 # -----------------------------
 # TOKENIZER-AGNOSTIC EVALUATION SETUP
-# val_bpb = nats / (ln 2 x UTF-8 bytes of the targets' text); a leading "\u2581" is a space byte, except after BOS.
+# val_bpb = nats / (ln 2 x the targets' UTF-8 bytes); a leading "\u2581" is a space byte, except after BOS.
 # -----------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
@@ -478,13 +477,13 @@ def build_sentencepiece_luts(sp, vocab_size, device):
     for t in range(pieces):
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
             continue
-        is_boundary[t], piece = False, sp.id_to_piece(t)  # a byte piece is "<0x..>"
+        is_boundary[t], piece = False, sp.id_to_piece(t)  # byte pieces: "<0x..>"
         has_leading_space[t] = piece.startswith("\u2581")
         base_bytes[t] = 1 if sp.is_byte(t) else len(piece.removeprefix("\u2581").encode())
     return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_leading_space, is_boundary))
 
 
-# CaseOps control pieces (data/caseops.py).
+# CaseOps controls (data/caseops.py).
 CASEOPS_CONTROLS = "\ue000\ue001\ue002\ue003"
 
 
@@ -493,11 +492,11 @@ def is_caseops_tokenizer(sp):
 
 
 def target_bytes(tokens, luts):
-    """UTF-8 bytes of each target tokens[1:]; `luts`: tokenizer tables or a byte sidecar."""
+    """UTF-8 bytes of each target tokens[1:]; `luts`: tokenizer tables or byte sidecar."""
     if isinstance(luts, Tensor):
         if luts.numel() != tokens.numel():
             raise DataError(f"byte sidecar has {luts.numel()} counts for {tokens.numel()} tokens")
-        return luts[1:].double()  # on the host: only its sum is needed
+        return luts[1:].double()  # on the host: only summed
     base_bytes, has_space, is_boundary = luts
     x, y = tokens[:-1], tokens[1:]
     return base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
@@ -505,11 +504,11 @@ def target_bytes(tokens, luts):
 
 # -----------------------------
 # DATA LOADING
-# Shard = 256 int32 header (magic, version, token count) + uint16 tokens, little-endian.
+# Shard: 256 int32 header (magic, version, token count), uint16 tokens; little-endian.
 # -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never readable as a token shard
+VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never read as token shards
 
 
 def shard_token_count(path, magic=SHARD_MAGIC):
@@ -530,7 +529,7 @@ def load_data_shard(path, vocab_size=None, magic=SHARD_MAGIC):
     n = shard_token_count(path, magic)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and (top := int(tokens.max())) >= vocab_size:
-        raise DataError(f"{path}: token id {top} >= VOCAB_SIZE={vocab_size}: shards and tokenizer do not match")
+        raise DataError(f"{path}: token id {top} >= VOCAB_SIZE={vocab_size}: shards and tokenizer differ")
     return tokens
 
 
@@ -546,7 +545,7 @@ class DistributedTokenLoader:
     def __init__(self, pattern, vocab_size, rank, world_size, device):
         self.files, self.vocab_size = shard_files(pattern, "training"), vocab_size
         self.rank, self.world_size, self.device = rank, world_size, device
-        for f in self.files:  # a bad shard found mid-run wastes the run
+        for f in self.files:  # a bad shard found mid-run wastes it
             shard_token_count(f)
         self.seek(0, 0)
 
@@ -577,20 +576,19 @@ def load_validation_tokens(pattern, vocab_size):
 
 
 def load_validation_bytes(pattern):
-    """Each val token's original bytes from CaseOps sidecars, or None."""
+    """Each val token's original bytes (CaseOps sidecars), or None."""
     shards = shard_files(pattern, "validation")
     sidecars = [os.path.join(d, b.replace("fineweb_val_", "fineweb_valbytes_", 1)) for d, b in map(os.path.split, shards)]
     present = [os.path.isfile(f) for f in sidecars]
     if not any(present):
         return None
     if not all(present):
-        raise DataError(f"{sidecars[present.index(False)]} is missing (all val shards or none have one): "
-                        "export the dataset again")
+        raise DataError(f"{sidecars[present.index(False)]} is missing (all val shards have one or none): re-export")
     counts = []
     for shard, sidecar in zip(shards, sidecars):
         counts.append(c := load_data_shard(sidecar, magic=VAL_BYTES_MAGIC))
         if len(c) != shard_token_count(shard):
-            raise DataError(f"{sidecar} has {len(c)} counts, {shard} another token count: export the dataset again")
+            raise DataError(f"{sidecar} has {len(c)} counts, {shard} another token count: re-export the dataset")
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
@@ -606,7 +604,7 @@ def rms_norm(x):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weights used in the activation dtype; late QAT adds `qat_delta` = fake_quantize(w) - w (grads reach w)."""
+    """fp32 weights, used in the activation dtype; late QAT adds `qat_delta` = fake_quantize(w) - w (w gets grads)."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
@@ -623,7 +621,7 @@ def prepare_qat(model, args):
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and (bits := quant_bits_for(name + ".weight", m.weight, args)):
             m.qat_bits, m.qat_delta = bits, torch.zeros_like(m.weight)
-            m.qat_sigmas = getattr(args, tensor_class(name + ".weight") + "_clip_sigmas")  # as exported
+            m.qat_sigmas = getattr(args, tensor_class(name + ".weight") + "_clip_sigmas")  # as in the export
             layers.append(m)
     return layers
 
@@ -651,7 +649,7 @@ def select_attention(requested, device):
 
 
 def causal_attention(q, k, v):
-    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D); every backend handles GQA."""
+    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D); each backend does GQA."""
     if ATTN_IMPL["fn"] is not None:
         out = ATTN_IMPL["fn"](q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -700,7 +698,7 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
         self.rotary, self.xsa = Rotary(args.rope_dims, args.rope_base, args.train_seq_len), xsa
-        # Output gate per head, 2 sigmoid(W x[:ATTN_GATE_DIMS]): zero init is the identity.
+        # Per-head output gate 2 sigmoid(W x[:ATTN_GATE_DIMS]); zero init: identity.
         self.gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x, ve):
@@ -711,7 +709,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(T, x.device)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        # FlashAttention needs bf16/fp16: undo a promotion to fp32.
+        # FlashAttention needs bf16/fp16: undo any fp32 promotion.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -744,7 +742,7 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x_in, x = x, x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, ve)
-        mlp_in = x_in if self.parallel else x  # parallel: both read the block's input
+        mlp_in = x_in if self.parallel else x  # parallel: both read the input
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.in_scale)
 
 
@@ -781,7 +779,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A token embedding added to several layers' attention values."""
+    """A token embedding added to some layers' attention values."""
 
     def __init__(self, vocab_size, dim, kv_dim, n_layers):
         super().__init__()
@@ -805,13 +803,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(args, i, xsa=i >= L - args.xsa_last_n) for i in range(L))
         self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first half feeds second half
+        self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first half feeds the second
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
-        self.register_parameter("asym_softcap", None)  # TTT_ASYM_SOFTCAP: (positive, negative) caps in TTT
+        self.register_parameter("asym_softcap", None)  # TTT_ASYM_SOFTCAP's (positive, negative) caps
         self.loop_range = loop_range(args)
-        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: a graph per value
+        self.loop_passes = 1 + args.loop_repeats if self.loop_range else 1  # an int: one graph per value
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for m in self.modules():
@@ -1389,7 +1387,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
 
 # -----------------------------
 # QUANTIZATION AND THE ARTIFACT
-# Per-row intN (round to nearest or GPTQ): one quantizer for late QAT and the export.
+# Per-row intN (RTN or GPTQ); late QAT uses the export's quantizer.
 # -----------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
@@ -1414,7 +1412,7 @@ def tensor_class(name):
 
 
 def quant_bits_for(name, t, args):
-    """Export bits of a tensor; None: fp16 (2-D) / fp32."""
+    """A tensor's export bits; None: fp16 (2-D) / fp32."""
     if not t.is_floating_point() or t.ndim != 2:
         return None
     bits = getattr(args, tensor_class(name) + "_bits") if name in EMBED_NAMES or t.numel() > SMALL_TENSOR_NUMEL else None
@@ -1433,13 +1431,13 @@ def round_to_grid(w, scale, qmax):
 
 
 def row_scales(w, bits, ratios, sigmas=0.0):
-    """Per-row fp16 scales (rows, 1): the clip ratio of least error; SDClip: sigmas x std, beyond clamped."""
+    """Per-row fp16 scales (rows, 1) at the clip ratio of least error; SDClip: clamp at sigmas x std."""
     qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if sigmas:
         amax, ratios = (sigmas * w.std(dim=1, keepdim=True)).clamp_min(1e-8), (1.0,)
     scales = torch.stack([(amax * r / qmax).half().float().clamp_min(6e-8) for r in ratios])
     err = (round_to_grid(w, scales, qmax) * scales - w).square().sum(dim=2, keepdim=True)
-    return scales.gather(0, err.argmin(0, keepdim=True))[0]  # the first of equal errors
+    return scales.gather(0, err.argmin(0, keepdim=True))[0]  # ties: the first
 
 
 def quantize_per_row(w, bits, ratios=(1.0,), sigmas=0.0):
@@ -1462,8 +1460,8 @@ def salient_group(W, H, size):
 
 
 def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian (E[x x^T]);
-    awq = (columns, bits): AWQ-lite, the most salient column group on a finer grid."""
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian E[x x^T];
+    awq = (columns, bits): the most salient column group on a finer grid."""
     W, cols = w.float().clone(), w.size(1)
     grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
     hi = slice(c0 := salient_group(W, H, awq[0]), c0 + awq[0]) if awq else slice(0, 0)
@@ -1478,7 +1476,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True)  # act order
     W, H, scales, grid = W[:, perm], H[perm][:, perm], scales[:, perm], grid[perm]
-    for attempt in range(5):  # more damping until the Hessian factors
+    for attempt in range(5):  # damp more until the Hessian factors
         L, info = torch.linalg.cholesky_ex(H + torch.eye(cols, device=H.device) * damp * 10 ** attempt * H.diagonal().mean())
         if info == 0:
             break
@@ -1502,7 +1500,7 @@ def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, device, world_size):
-    """E[x x^T] of each quantized layer's inputs on training batches (never val)."""
+    """E[x x^T] of each quantized layer's inputs, on training batches (never val)."""
     hessians, counts, hooks = {}, {}, []
     targets = [(n, m, m.in_features) for n, m in model.named_modules() if isinstance(m, CastedLinear)
                and quant_bits_for(n + ".weight", m.weight, args)]
@@ -1546,11 +1544,11 @@ def quantize_state_dict(state, args, hessians=None):
 
 
 def add_lqer(qstate, state, args, hessians):
-    """LQER: rank-r SVD of W - W_q at LQER_BITS, on the LQER_TOP_K tensors it helps most per byte (Hessian-weighted)."""
+    """LQER: rank-r SVD of W - W_q at LQER_BITS, on the LQER_TOP_K tensors of most Hessian-weighted gain per byte."""
     gains = []
     for name, e in qstate.items():
         if not e["bits"] or (hessians and name.removesuffix(".weight") not in hessians):
-            continue  # GPTQ's matrices only: one error unit
+            continue  # only GPTQ's: one error unit
         W = state[name].detach().float().cpu()
         E = W - dequantize_entry(e)
         U, S, Vh = torch.linalg.svd(E, full_matrices=False)
@@ -1586,7 +1584,7 @@ def prune_quantized(qstate, frac):
         return qstate
     out = dict(qstate)
     for name, e in qstate.items():
-        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # (AWQ's finer columns look larger: pruned last)
+        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # AWQ's finer columns look larger: pruned last
             mag = from_grid(e["q"].abs(), e["scale"])
             out[name] = dict(e, q=torch.where(mag <= mag.flatten().kthvalue(k).values, 0, e["q"]).to(torch.int8))
     return out
@@ -1617,7 +1615,7 @@ def serialize_quantized(qstate):
 
 
 def deserialize_quantized(blob):
-    """Every field validated before a byte is read, every weight after."""
+    """Every field validated before reading a byte, every weight after."""
     if blob[:4] != BLOB_MAGIC or len(blob) < 8:
         raise DataError("not an artifact of this script (no valid header)")
     (hlen,) = struct.unpack("<I", blob[4:8])
@@ -1667,7 +1665,7 @@ def parse_tensor_entry(name, entry, payload):
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
         q = e["q"]
-        if awq:  # [first column, columns, bits]: those columns on a finer grid
+        if awq:  # [first column, columns, bits] on a finer grid
             c0, n, hi_bits = e["awq"] = int_field(name, "awq", awq, 3, lambda c, n, b: 0 <= c < c + n <= q.shape[1] and is_bits(b))
             check_grid(f"{name} (awq)", q[:, c0:c0 + n], e["awq_scale"], hi_bits, len(q))
             q = torch.cat((q[:, :c0], 0 * q[:, c0:c0 + n], q[:, c0 + n:]), 1)
@@ -1702,7 +1700,7 @@ def _codecs():
 
 
 def section_cuts(blob):
-    """Cuts after the header and where the arrays' key (q, scale, lqer_a, ...) changes."""
+    """Cuts after the header and where the arrays' key (q, scale, ...) changes."""
     start = 8 + struct.unpack("<I", blob[4:8])[0]
     arrays = sorted((a["offset"], a["dtype"], key) for t in json.loads(blob[8:start])["tensors"].values()
                     for key, a in t["arrays"].items())
@@ -1731,7 +1729,7 @@ def decompress_sections(body):
 
 
 def compress_artifact(blob, compressor, level):
-    """Magic + codec id + CRC-32 (decompressors miss bit flips) + compressed blob."""
+    """Magic, codec id, CRC-32 (decompressors miss bit flips), compressed blob."""
     codecs = _codecs()
     if compressor not in [*codecs, "auto"]:
         raise ConfigError(f"COMPRESSOR={compressor} is not available (have: {', '.join(codecs)}, auto)")
@@ -1742,13 +1740,12 @@ def compress_artifact(blob, compressor, level):
 
 def decompress_artifact(data):
     if data[:4] == b"PGA2":
-        raise DataError("artifact made by an older version of this script: re-export it with QUANT_ONLY=final_model.pt")
+        raise DataError("artifact made by an older version of this script: re-export with QUANT_ONLY=final_model.pt")
     if data[:4] != ARTIFACT_MAGIC or len(data) < 9:
         raise DataError("not an artifact of this script (bad magic)")
     body = data[4:5] + data[9:]
     if struct.unpack("<I", data[5:9])[0] != zlib.crc32(body):
-        raise DataError(f"artifact is damaged or truncated (CRC-32 mismatch over its {len(data)} bytes): "
-                        "copy it again or re-export it")
+        raise DataError(f"artifact is damaged or truncated (CRC-32 mismatch over {len(data)} bytes): copy or re-export it")
     codecs = {cid: (name, dec) for name, (cid, _, dec) in _codecs().items()}
     if data[4] not in codecs:
         raise DataError(f"artifact codec id {data[4]} is unknown or not installed")
@@ -1771,7 +1768,7 @@ class ArtifactOverCap(Exception):
     pass
 
 
-FIT_SEARCH_STEPS = 7  # bisection: within 1/128 of the range
+FIT_SEARCH_STEPS = 7  # bisection to 1/128 of the range
 
 
 def build_artifact(qstate, args, code_bytes, log):
@@ -1808,8 +1805,9 @@ def build_optimizers(model, args, fused):
     head = [] if model.lm_head is None else [model.lm_head.weight]
     taken = {id(p) for p in embeds + matrices + head}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam = lambda params, lr: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2),
-                                                 eps=args.adam_eps, weight_decay=args.adam_wd, fused=fused)
+    adam = lambda params, lr: torch.optim.AdamW(
+        [dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2), eps=args.adam_eps,
+        weight_decay=args.adam_wd, fused=fused)
     optimizers = [adam(embeds, args.tied_embed_lr if args.tie_embeddings else args.embed_lr), adam(scalars, args.scalar_lr)]
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 coeffs=ns_coefficients(args.muon_ns_coeffs), weight_decay=args.muon_wd, row_norm=args.muon_row_norm,
@@ -1847,7 +1845,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
-    """1, then linear to 0 at ITERATIONS or at the cap (paced by the mean step)."""
+    """1, then linear to 0 at ITERATIONS or the cap (paced by the mean step)."""
     if args.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -1864,7 +1862,7 @@ def seq_len_schedule(args):
 
 
 def graph_variants(args):
-    """Every (loop passes, training length): a graph each, primed in warm-up."""
+    """Each (loop passes, training length): a graph, primed in warm-up."""
     passes = [1] + ([1 + args.loop_repeats] if loop_range(args) else [])
     return [(p, n) for p in passes for n, _ in seq_len_schedule(args)]
 
@@ -1886,7 +1884,7 @@ def apply_schedules(model, muon, args, step, progress, seq_len, log):
 
 
 def ema_decay(args, step, elapsed_ms, cap_ms):
-    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x the expected steps."""
+    """EMA_DECAY, or a half-life of EMA_HALF_LIFE_FRAC x expected steps."""
     if args.ema_half_life_frac <= 0:
         return args.ema_decay
     expected = args.iterations if cap_ms is None else min(args.iterations, cap_ms * max(step, 1) / max(elapsed_ms, 1e-9))
@@ -1921,7 +1919,7 @@ class WeightAverager:
 
 
 class Logger:
-    """Each line to logs/<RUN_ID>.txt at once (kept on a crash); rank 0."""
+    """Rank 0: each line to logs/<RUN_ID>.txt at once (kept on a crash)."""
 
     path = None
 
@@ -1943,7 +1941,7 @@ LOG = Logger()
 
 
 class HostCopy:
-    """A tensor copied to the host behind the queued work: read a step later, never waits."""
+    """A tensor copied to the host behind queued work: read a step later, never waits."""
 
     def __init__(self, t):
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
@@ -1958,7 +1956,7 @@ class HostCopy:
 
 
 class Trainer:
-    """Per-rank checkpoints resume exactly; SIGTERM / SIGINT stop all ranks at the same step."""
+    """Per-rank checkpoints resume exactly; SIGTERM/SIGINT stop all ranks at one step."""
 
     def __init__(self, ev, model, qat_layers, grad_accum_steps):
         args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
@@ -1983,7 +1981,7 @@ class Trainer:
         return loss
 
     def warmup(self):
-        """Compile and prime every path, then restore the weights, optimizers, data."""
+        """Compile and prime every path, then restore weights, optimizers, data."""
         if self.args.warmup_steps <= 0:
             return
         init = copy.deepcopy(dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers]))
@@ -2040,10 +2038,10 @@ class Trainer:
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # the flags (a HostCopy), read a step late: no GPU stall
+        pending = None  # the flags' HostCopy, read a step late: no GPU stall
         self.sync()
         t0 = time.perf_counter()
-        ms = lambda: self.train_ms + 1000 * (time.perf_counter() - t0)  # t0 read at each call
+        ms = lambda: self.train_ms + 1000 * (time.perf_counter() - t0)  # reads t0 at each call
         try:
             while True:
                 step = self.step
@@ -2073,13 +2071,13 @@ class Trainer:
                 self.averager.update(step, scale, ema_decay(args, step, elapsed_ms, self.cap_ms))
                 self.step = step = step + 1
                 approx_ms = ms()
-                if pending is not None:  # ready while this step runs
+                if pending is not None:  # ready during this step
                     stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
                 # torch.full launches a fill; torch.tensor(x, device=cuda) syncs.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in (
                     self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
                 if self.world_size > 1:
-                    dist.all_reduce(flags)  # a NaN or a signal anywhere: all stop together
+                    dist.all_reduce(flags)  # a NaN or signal anywhere: all stop together
                 pending = HostCopy(flags)
                 if step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None:
                     remaining = f" remaining:{max(self.cap_ms - approx_ms, 0) / 1000:.0f}s" if self.cap_ms is not None else ""
@@ -2122,10 +2120,10 @@ def require_packages(args):
 
 
 def load_tokenizer_tables(args, device, log):
-    """Bytes of the val targets: CaseOps sidecars, else the tokenizer's tables."""
+    """The val targets' bytes: CaseOps sidecars, else the tokenizer's tables."""
     import sentencepiece as spm
     if not os.path.isfile(args.tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download the data")
+        raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH or download it")
     try:
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     except (OSError, RuntimeError) as exc:
@@ -2199,7 +2197,7 @@ def main():
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
     if SMOKE and "DATA_PATH" not in os.environ:
-        # Built by rank 0 from text Python ships with; other ranks wait.
+        # Rank 0 builds it from text Python ships with; other ranks wait.
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from data.sample import build_sample
         if master:
@@ -2233,7 +2231,7 @@ def main():
     base_model = GPT(args, act_dtype).to(device)
     qat_layers = prepare_qat(base_model, args) if args.late_qat_threshold > 0 else []
     backend = select_attention(args.attn_backend, device)
-    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, training length, eval shape
+    torch._dynamo.config.recompile_limit = 64  # a graph per loop count, train length, eval shape
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if cuda and args.compile else base_model
     model = DDP(compiled, device_ids=[local_rank] if cuda else None, broadcast_buffers=False) if distributed else compiled
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
@@ -2249,7 +2247,7 @@ def main():
     ev = Evaluation(args, compiled, base_model, device, rank, world_size, log, val_tokens.numel() - 1)
 
     def evaluate(mode, tokens=None, audit=False):
-        """(val_loss, val_bpb) on the val set; on other tokens the ScoreSheet."""
+        """(val_loss, val_bpb) on the val set; on other tokens, the ScoreSheet."""
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
@@ -2263,7 +2261,7 @@ def main():
             try:
                 base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
             except Exception as exc:
-                raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this configuration: {exc}") from None
+                raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this config: {exc}") from None
             source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         else:
             trainer = Trainer(ev, model, qat_layers, grad_accum_steps)
@@ -2290,7 +2288,7 @@ def main():
         local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
         calib = (loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
         export_and_score(ev, calib, evaluate, code, label, val_bpb)
-    if distributed:  # together: an early gloo teardown aborts slower ranks
+    if distributed:  # together: an early gloo teardown aborts slow ranks
         dist.barrier()
         dist.destroy_process_group()
 
