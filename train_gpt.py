@@ -350,7 +350,7 @@ def validate_config(args, world_size, grad_accum_steps):
         if not all(0 < c <= args.ttt_lora_seq_len for _, c in chunks) or not all(0 < o <= 64 for o in orders):
             raise ValueError
     except ValueError:
-        err.append(f"TTT_LORA_CHUNK, TTT_SHORT_CHUNKS (LEN:CHUNK,...) need chunks in 1..TTT_LORA_SEQ_LEN; TILT_ORDERS 1..64")
+        err.append("TTT_LORA_CHUNK, TTT_SHORT_CHUNKS (LEN:CHUNK,...) need chunks in 1..TTT_LORA_SEQ_LEN; TILT_ORDERS 1..64")
     if not args.ttt_lora_targets or not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
         err.append(f"TTT_LORA_TARGETS={args.ttt_lora_targets} must be some of {', '.join(LORA_SITES)}, head")
     if args.ttt_freeze_blocks > args.num_layers:
