@@ -2300,7 +2300,8 @@ def final_evaluation(ev, label, evaluate, pre_quant_bpb):
             * ev.val_targets / ev.world_size for mode in modes}
     total = sum(plan.values()) + time.perf_counter() - t0
     log("eval_plan: " + " ".join(f"{m}:{s:.0f}s" for m, s in plan.items()) + f" total:{total:.0f}s with the audits, "
-        "at their speed: an upper bound" + (" WARNING: over 600s: set TTT_MAX_SECONDS or drop a mode" if total > 600 else ""))
+        "at their speed (small streams: a rough guide)"
+        + (" WARNING: over 600s: set TTT_MAX_SECONDS or drop a mode" if total > 600 else ""))
     for mode in modes:
         t = time.perf_counter()
         loss, bpb = evaluate(mode)
