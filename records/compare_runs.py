@@ -3,7 +3,7 @@
     python3 records/compare_runs.py logs/*.txt [--plot curves.png] [--x step]
 
 Table (markdown), best submission score first: run id, seed, status, steps, ms/step, val_bpb before
-quantization and of each final evaluation mode present (roundtrip, sliding_window, ttt, ...;
+quantization and of each final evaluation mode present (roundtrip, sliding_window, lora, phased, ...;
 runlog.py says which one is the submission score), code + model bytes, and ">CAP" for an artifact
 over 16,000,000 bytes. The plot (needs matplotlib: pip install -r records/requirements.txt) shows
 the training loss and the validation val_bpb of each run against training time or step.
