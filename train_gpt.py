@@ -1287,7 +1287,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
     sheet, budget = ScoreSheet(tokens.numel() - 1, ev.device, audit), Budget(args.ttt_max_seconds)
     if "tilt" in mix:
         sheet.hint, sheet.boost = tilt_hints(tokens, args, ev.device), args.tilt_boost
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if net == "phased" else None
     if args.ttt_asym_softcap and net == "phased":  # adapted by its SGD, from symmetric
         model.asym_softcap = nn.Parameter(torch.full((2,), args.logit_softcap, device=ev.device))
     if net in ("roundtrip", "sliding_window"):
@@ -1298,7 +1298,8 @@ def run_eval_mode(ev, mode, tokens, audit=False):
         ev.log(f"{net}:asym_softcap positive:{model.asym_softcap[0]:.4f} negative:{model.asym_softcap[1]:.4f}",
                console=False)
         model.asym_softcap = None
-    model.load_state_dict(snapshot)
+    if snapshot is not None:  # only phased's global SGD changes the weights
+        model.load_state_dict(snapshot)
     model.requires_grad_(True)  # TTT froze some weights, LoRA all
     budget.report(ev, net)
     sheet.reduce()
