@@ -184,7 +184,6 @@ env("TTT_CHUNK_TOKENS", S(32768, 512), ">= 1")
 env("TTT_EPOCHS", S(3, 1), ">= 0")
 env("TTT_LR", 0.002, ">= 0")
 env("TTT_MOMENTUM", 0.9, ">= 0")
-env("TTT_FREEZE_BLOCKS", 0, ">= 0")
 env("TTT_BATCH_SEQS", S(32, 4), ">= 1")
 env("TTT_GRAD_CLIP", 1.0, ">= 0")
 env("TTT_LORA_RANK", 8, ">= 1")
@@ -204,7 +203,6 @@ env("TILT_MIN_COUNT", 2, ">= 1")
 env("TILT_THRESHOLD", 0.8, "> 0")
 env("TILT_BOOST", 2.625, ">= 0")
 env("NGRAM_ORDER", 4)
-env("NGRAM_BUCKETS", S(65536, 4096), ">= 1")
 env("NGRAM_PRIOR", 3.0, "> 0")
 env("NGRAM_ETA", 0.01, ">= 0")
 env("NGRAM_INIT_WEIGHT", 0.1)
@@ -230,11 +228,9 @@ env("SEQ_LEN_SCHEDULE", "")
 env("EMBED_CLIP_SIGMAS", 0.0, ">= 0")
 env("EMBED_GPTQ", False)
 
-# The April export: SDClip per class (0: clip search), AWQ-lite, LQER.
+# The April export: SDClip per class (0: clip search), LQER.
 env("ATTN_CLIP_SIGMAS", 0.0, ">= 0")
 env("MLP_CLIP_SIGMAS", 0.0, ">= 0")
-env("AWQ_GROUP", 0, ">= 0")  # most salient columns, at AWQ_BITS
-env("AWQ_BITS", 8)
 env("LQER_RANK", 0, ">= 0")
 env("LQER_TOP_K", 3, ">= 1")
 env("LQER_BITS", 4)
@@ -328,8 +324,8 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
     if 0 != args.bigram_vocab_size < 2:
         err.append(f"BIGRAM_VOCAB_SIZE={args.bigram_vocab_size} must be 0 (off) or >= 2")
-    if any(not 2 <= b <= 8 for b in {args.attn_bits, args.mlp_bits, args.embed_bits} - {16} | {args.awq_bits, args.lqer_bits}):
-        err.append("ATTN_BITS, MLP_BITS, EMBED_BITS (or 16: fp16), AWQ_BITS and LQER_BITS must be in 2..8")
+    if any(not 2 <= b <= 8 for b in {args.attn_bits, args.mlp_bits, args.embed_bits} - {16} | {args.lqer_bits}):
+        err.append("ATTN_BITS, MLP_BITS, EMBED_BITS (or 16: fp16) and LQER_BITS must be in 2..8")
     try:
         quant_overrides(args)
         if not all(0 < r <= 1 for r in clip_ratios(args)):
@@ -353,8 +349,6 @@ def validate_config(args, world_size, grad_accum_steps):
         err.append("TTT_LORA_CHUNK, TTT_SHORT_CHUNKS (LEN:CHUNK,...) need chunks in 1..TTT_LORA_SEQ_LEN; TILT_ORDERS 1..64")
     if not args.ttt_lora_targets or not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
         err.append(f"TTT_LORA_TARGETS={args.ttt_lora_targets} must be some of {', '.join(LORA_SITES)}, head")
-    if args.ttt_freeze_blocks > args.num_layers:
-        err.append(f"TTT_FREEZE_BLOCKS={args.ttt_freeze_blocks} must be in 0..NUM_LAYERS={args.num_layers}")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
         err.append("NGRAM_ORDER must be in 1..8 and NGRAM_INIT_WEIGHT in (0, 1)")
     try:
@@ -1004,10 +998,8 @@ def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
     if not ok.item():
         budget.skipped += 1
         return
+    params = list(model.parameters())
     model.requires_grad_(True)
-    for blk in model.blocks[:args.ttt_freeze_blocks]:
-        blk.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     C, B = args.ttt_chunk_tokens, args.ttt_batch_seqs * world_size
     sheet.used[:end] = True
@@ -1149,98 +1141,101 @@ def eval_phased(ev, tokens, sheet, budget):
         lo = hi
 
 
+@torch.no_grad()
+def count_before(key, nxt, V):
+    """Exact prefix counts by sorting, no tables. For a stream of contexts `key` and next tokens `nxt`, in sorted
+    order (by context, then time): the sort, where each position's context run starts, and how many earlier
+    positions had its context (`seen`) and its context and next token (`pair`)."""
+    idx = torch.arange(key.numel(), device=key.device)
+
+    def run_start(sorted_key):
+        new = torch.ones_like(idx, dtype=torch.bool)
+        new[1:] = sorted_key[1:] != sorted_key[:-1]
+        return torch.cummax(torch.where(new, idx, 0), 0).values
+
+    order = torch.argsort(key, stable=True)
+    start = run_start(key[order])
+    pair_key = start * V + nxt[order]
+    pair = torch.argsort(pair_key, stable=True)  # by context and next token, in time
+    count = torch.empty_like(idx)
+    count[pair] = idx - run_start(pair_key[pair])
+    return order, start, idx - start, count
+
+
 class NgramMixer:
-    """Online n-gram experts (never across a BOS; hashed from order 3), each smoothed towards the order below,
-    mixed with the network by weights per entropy bin (online EM)."""
+    """Online n-gram experts of orders 0..NGRAM_ORDER-1 (contexts stop at a BOS), each smoothed towards the order
+    below, mixed with the network by weights per entropy bin (online EM). Counts exact, from count_before."""
 
     def __init__(self, args, device):
-        V, self.V, self.order = args.vocab_size, args.vocab_size, args.ngram_order
-        self.rows = [min(args.ngram_buckets, (V + 1) ** k) for k in range(self.order)]
-        self.counts = [torch.zeros(r, V, dtype=torch.int32, device=device) for r in self.rows]
-        self.totals = [torch.zeros(r, dtype=torch.float64, device=device) for r in self.rows]
-        self.prior, self.eta, self.bins = args.ngram_prior, args.ngram_eta, args.ngram_entropy_bins
+        self.V, self.order, self.prior = args.vocab_size, args.ngram_order, args.ngram_prior
+        self.eta, self.bins = args.ngram_eta, args.ngram_entropy_bins
         w0 = torch.tensor([1.0 - args.ngram_init_weight] + [args.ngram_init_weight / self.order] * self.order)
         self.w = w0.to(device).expand(self.bins, -1).clone()  # (bins, 1 + order), network first
-        self.norm_err = 0.0
 
-    def keys(self, x_ext):
-        """Each order's context row at x_ext[order-2:] (after order-2 earlier tokens)."""
-        back, V = self.order - 2, self.V
-        n, idx = len(x_ext) - max(back, 0), torch.arange(len(x_ext), device=x_ext.device)
-        last_bos = torch.cummax(torch.where(x_ext == BOS_ID, idx, -1), 0).values[back:]
-        keys, code = [torch.zeros(n, dtype=torch.int64, device=x_ext.device)], 0
-        for j in range(self.order - 1):  # context token x[t - j], a pad if a BOS follows it
-            at = slice(back - j, back - j + n)
-            code = code * (V + 1) + torch.where(last_bos <= idx[at], x_ext[at], V)
-            rows = self.rows[j + 1]
-            keys.append(code if (V + 1) ** (j + 1) <= rows else torch.remainder(code * 2654435761, rows))
+    def contexts(self, x):
+        """Each order's context at each input x[t]: the last k inputs, those before a BOS a pad (V)."""
+        V, idx = self.V, torch.arange(len(x), device=x.device)
+        last_bos = torch.cummax(torch.where(x == BOS_ID, idx, -1), 0).values
+        keys, code = [torch.zeros_like(x)], torch.zeros_like(x)
+        for j in range(self.order - 1):  # context token x[t - j]
+            code = code * (V + 1) + torch.where(idx - j >= last_bos, F.pad(x, (j, 0), value=V)[:len(x)], V)
+            keys.append(code)  # exact up to 6 tokens of a 1024 vocabulary, then a 64-bit hash (it wraps)
         return keys
 
-    def expert_probs(self, keys, y, cand):
-        """(order, T, J): each order's probability of the candidates (T, J)."""
-        T = len(y)
-        earlier = torch.ones(T, T, dtype=torch.bool, device=y.device).tril(-1)
-        p, out = torch.full(cand.shape, 1.0 / self.V, device=y.device), []
-        for k, key in enumerate(keys):
-            same = ((key[:, None] == key[None, :]) & earlier).float()  # earlier in this chunk, same context
-            if cand.size(1) == 1:  # scoring: only the target's count
-                seen = (same * (y[None, :] == cand)).sum(1, keepdim=True)
-            else:
-                seen = (same @ F.one_hot(y, self.V).float()).gather(1, cand)
-            cnt = self.counts[k][key[:, None], cand].float() + seen
-            tot = self.totals[k][key].float() + same.sum(1)
-            p = (cnt + self.prior * p) / (tot + self.prior)[:, None]
-            out.append(p)
-        return torch.stack(out)
+    def experts(self, x, y, probes=None):
+        """(order, n): each expert's probability of each target from the targets before it. With `probes`
+        (V, P), each expert's whole row times them (order, n, P), by prefix sums within each context."""
+        n, dev = len(y), y.device
+        p, probs, rows = torch.full((n,), 1.0 / self.V, device=dev), [], []
+        row = probes.double().mean(0).expand(n, -1) if probes is not None else None
+        for key in self.contexts(x):
+            order, start, seen, pair = count_before(key, y, self.V)
+            cnt, tot = torch.empty(n, device=dev), torch.empty(n, device=dev)
+            cnt[order], tot[order] = pair.float(), seen.float()
+            p = (cnt + self.prior * p) / (tot + self.prior)
+            probs.append(p)
+            if probes is not None:
+                P = probes.double()[y[order]]
+                before = torch.cumsum(P, 0) - P
+                within = torch.empty_like(P)
+                within[order] = before - before[start]
+                row = (within + self.prior * row) / (tot.double() + self.prior)[:, None]
+                rows.append(row.float())
+        return torch.stack(probs), torch.stack(rows) if rows else None
 
-    def count(self, keys, y):
-        for k, key in enumerate(keys):
-            self.counts[k].index_put_((key, y), torch.ones_like(y, dtype=torch.int32), accumulate=True)
-            self.totals[k].index_add_(0, key, torch.ones_like(y, dtype=torch.float64))
-
-    def step(self, keys, y, net_nats, ent, audit=None):
-        """Mixture loss of a chunk of targets, then the update; whole rows for an audit."""
-        V, T = self.V, len(y)
-        pk = self.expert_probs(keys, y, y[:, None])[:, :, 0]  # (order, T)
-        b = torch.clamp((ent / math.log(V) * self.bins).long(), 0, self.bins - 1)
+    def step(self, p_y, ent):
+        """The mixture's probability of a chunk's targets (p_y: the network's, then each expert's) and the
+        weights used; then online EM: each weight towards its expert's share of p(target)."""
+        b = torch.clamp((ent / math.log(self.V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
-        p_y = torch.cat((torch.exp(-net_nats)[:, None], pk.T), 1)
         mix = (w * p_y).sum(1)
-        if audit is not None:
-            net_fp, net_row_nats = audit
-            rows = self.expert_probs(keys, y, torch.arange(V, device=y.device).expand(T, V))  # (order, T, V)
-            mass = w[:, 0] + (w[:, 1:] * rows.sum(2).T).sum(1)
-            self.norm_err = max(self.norm_err, (mass - 1).abs().max().item())
-            self.fingerprint = w[:, :1] * net_fp + torch.einsum("to,otk->tk", w[:, 1:], rows @ audit_probes(V, y.device))
-            at_y = rows[:, torch.arange(T, device=y.device), y]  # (order, T)
-            self.row_nats = -torch.log(w[:, 0] * torch.exp(-net_row_nats) + (w[:, 1:] * at_y.T).sum(1))
-        share_y = w * p_y / mix[:, None]  # online EM: to each expert's share of p(target)
-        n = torch.bincount(b, minlength=self.bins)
-        self.w = (self.w + self.eta * torch.zeros_like(self.w).index_add_(0, b, share_y)) / (1 + self.eta * n)[:, None]
-        self.count(keys, y)
-        return -torch.log(mix)
+        share = torch.zeros_like(self.w).index_add_(0, b, w * p_y / mix[:, None])
+        self.w = (self.w + self.eta * share) / (1 + self.eta * torch.bincount(b, minlength=self.bins))[:, None]
+        return mix, w
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank."""
-    args, t0, audit = ev.args, time.perf_counter(), sheet.fp is not None
-    back = max(args.ngram_order - 2, 0)
-    x = torch.cat((torch.full((back,), args.vocab_size), tokens[:-1])).to(ev.device)
-    y = tokens[1:].to(ev.device)
-    mixer, seg, net_fp, net_row_nats = NgramMixer(args, ev.device), ev.share(range(len(y))), sheet.fp, sheet.row_nats
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank. An audit gets each
+    target's whole mixed row through the probes (and a column of ones: its mass) and -log of it at the target."""
+    args, t0, audit, V = ev.args, time.perf_counter(), sheet.fp is not None, ev.args.vocab_size
+    seg = ev.share(range(tokens.numel() - 1))
+    u = tokens[:seg.stop + 1].to(ev.device)  # this rank's targets and those before them
+    mixer = NgramMixer(args, ev.device)
+    probes = torch.cat((audit_probes(V, ev.device), torch.ones(V, 1, device=ev.device)), 1) if audit else None
+    pk, rows = mixer.experts(u[:-1], u[1:], probes)
+    net_fp, net_row_nats = sheet.fp, sheet.row_nats
     sheet.nats = torch.zeros_like(sheet.nats)  # each rank fills its share: reduce() sums
     if audit:
         sheet.fp, sheet.row_nats = torch.zeros_like(net_fp), torch.zeros_like(net_row_nats)
-    for p0 in range(0, seg.start, 1 << 20):  # the earlier ranks' targets, counted
-        p1 = min(p0 + (1 << 20), seg.start)
-        mixer.count(mixer.keys(x[p0:p1 + back]), y[p0:p1])
     for p0 in range(seg.start, seg.stop, args.ngram_chunk):
         c = slice(p0, min(p0 + args.ngram_chunk, seg.stop))
-        sheet.nats[c] = mixer.step(mixer.keys(x[c.start:c.stop + back]), y[c], sheet.net_nats[c], sheet.ent[c],
-                                   (net_fp[c], net_row_nats[c]) if audit else None)
+        mix, w = mixer.step(torch.cat((torch.exp(-sheet.net_nats[c])[:, None], pk[:, c].T), 1), sheet.ent[c])
+        sheet.nats[c] = -torch.log(mix)
         if audit:
-            sheet.fp[c], sheet.row_nats[c] = mixer.fingerprint, mixer.row_nats
-    sheet.norm_err = torch.maximum(sheet.norm_err, torch.tensor(mixer.norm_err, device=ev.device))
+            mixed = torch.einsum("to,otk->tk", w[:, 1:], rows[:, c])  # (T, probes + mass)
+            sheet.fp[c] = w[:, :1] * net_fp[c] + mixed[:, :-1]
+            sheet.norm_err = torch.maximum(sheet.norm_err, (w[:, 0] + mixed[:, -1] - 1).abs().max())
+            sheet.row_nats[c] = -torch.log(w[:, 0] * torch.exp(-net_row_nats[c]) + (w[:, 1:] * pk[:, c].T).sum(1))
     sheet.reduce(("nats", "fp", "row_nats"))
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
@@ -1249,7 +1244,7 @@ def ngram_mix(ev, sheet, tokens):
 def tilt_hints(tokens, args, device):
     """Per target t, a hinted token or -1: of its contexts of TILT_ORDERS tokens (longest first), the first seen
     >= TILT_MIN_COUNT times before t whose most frequent next token followed it >= TILT_THRESHOLD of those times.
-    Only targets before t count (prefix-only). Contexts are 64-bit hashes, counted by sorting, not in tables."""
+    Only targets before t count (prefix-only); contexts are 64-bit hashes."""
     u, n, V = tokens.to(device), tokens.numel() - 1, args.vocab_size
     hint = torch.full((n,), -1, dtype=torch.int64, device=device)
     for k in sorted({int(o) for o in args.tilt_orders.split(",")}, reverse=True):
@@ -1259,23 +1254,14 @@ def tilt_hints(tokens, args, device):
         key = torch.zeros(m, dtype=torch.int64, device=device)
         for i in range(k):
             key = key * 1000003 + u[i:i + m]  # wraps: a hash
-        order = torch.argsort(key, stable=True)  # by context, then time
-        ks, nxt, idx = key[order], u[k:k + m][order], torch.arange(m, device=device)
-        first = torch.cat((torch.ones(1, dtype=torch.bool, device=device), ks[1:] != ks[:-1]))
-        seen = idx - torch.cummax(torch.where(first, idx, 0), 0).values  # earlier targets in this context
-        group = torch.cumsum(first, 0)
-        pair_key = group * V + nxt
-        pair = torch.argsort(pair_key, stable=True)  # grouped by (context, next token), in time
-        pfirst = torch.cat((first[:1], pair_key[pair][1:] != pair_key[pair][:-1]))
-        count = torch.empty_like(idx)
-        count[pair] = idx - torch.cummax(torch.where(pfirst, idx, 0), 0).values + 1
-        best, d = count * V + nxt, 1
+        order, start, seen, pair = count_before(key, u[k:k + m], V)
+        best, d = (pair + 1) * V + u[k:k + m][order], 1
         while d < m:  # running max of (count, token) within each context: doubling scan
-            best[d:] = torch.where(group[d:] == group[:-d], torch.maximum(best[d:], best[:-d]), best[d:])
+            best[d:] = torch.where(start[d:] == start[:-d], torch.maximum(best[d:], best[:-d]), best[d:])
             d *= 2
         prev = torch.roll(best, 1)  # the context's best before this target
-        fire = ~first & (seen >= args.tilt_min_count) & (prev // V >= args.tilt_threshold * seen)
-        hk = torch.empty_like(idx)
+        fire = (seen >= args.tilt_min_count) & (prev // V >= args.tilt_threshold * seen)
+        hk = torch.empty_like(seen)
         hk[order] = torch.where(fire, prev % V, -1)
         hint[k - 1:] = torch.where(hint[k - 1:] >= 0, hint[k - 1:], hk)
     return hint
@@ -1454,29 +1440,16 @@ def fake_quantize(w, bits, ratios, sigmas=0.0):
     return from_grid(*quantize_per_row(w, bits, ratios, sigmas))
 
 
-def salient_group(W, H, size):
-    """AWQ-lite: the aligned column group of most activation RMS x mean |w|."""
-    score = H.diagonal().clamp_min(0).sqrt() * W.abs().mean(0)
-    return int(score[:W.size(1) // size * size].view(-1, size).sum(1).argmax()) * size
-
-
-def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
-    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian E[x x^T];
-    awq = (columns, bits): the most salient column group on a finer grid."""
-    W, cols = w.float().clone(), w.size(1)
-    grid = torch.full((cols,), 2 ** (bits - 1) - 1.0, device=W.device)
-    hi = slice(c0 := salient_group(W, H, awq[0]), c0 + awq[0]) if awq else slice(0, 0)
-    scale = row_scales(torch.cat((W[:, :hi.start], W[:, hi.stop:]), 1), bits, ratios, sigmas)
-    scales = scale.expand(-1, cols).clone()
-    if awq:
-        grid[hi] = 2 ** (awq[1] - 1) - 1
-        scales[:, hi] = hi_scale = row_scales(W[:, hi], awq[1], ratios)
+def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0):
+    """GPTQ: each column's rounding error goes onto later columns via the inverse Hessian E[x x^T]."""
+    W, cols, qmax = w.float().clone(), w.size(1), 2 ** (bits - 1) - 1
+    scale = row_scales(W, bits, ratios, sigmas)
     H = H.float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True)  # act order
-    W, H, scales, grid = W[:, perm], H[perm][:, perm], scales[:, perm], grid[perm]
+    W, H = W[:, perm], H[perm][:, perm]
     for attempt in range(5):  # damp more until the Hessian factors
         L, info = torch.linalg.cholesky_ex(H + torch.eye(cols, device=H.device) * damp * 10 ** attempt * H.diagonal().mean())
         if info == 0:
@@ -1488,15 +1461,13 @@ def gptq_quantize(w, H, bits, ratios, block, damp, sigmas=0.0, awq=None):
         i2 = min(i1 + block, cols)
         W1, Hb, E = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
         for j in range(i2 - i1):
-            s = scales[:, i1 + j:i1 + j + 1]
-            q = round_to_grid(W1[:, j:j + 1], s, grid[i1 + j])
+            q = round_to_grid(W1[:, j:j + 1], scale, qmax)
             Q[:, i1 + j] = q[:, 0]
-            err = (W1[:, j:j + 1] - q * s) / Hb[j, j]
+            err = (W1[:, j:j + 1] - q * scale) / Hb[j, j]
             W1[:, j:] -= err * Hb[j:j + 1, j:]
             E[:, j:j + 1] = err
         W[:, i2:] -= E @ Hinv[i1:i2, i2:]
-    out = dict(q=Q[:, torch.argsort(perm)].to(torch.int8), scale=scale.squeeze(1).half())
-    return out | (dict(awq=[hi.start, *awq], awq_scale=hi_scale.squeeze(1).half()) if awq else {})
+    return dict(q=Q[:, torch.argsort(perm)].to(torch.int8), scale=scale.squeeze(1).half())
 
 
 @torch.no_grad()
@@ -1535,8 +1506,7 @@ def quantize_state_dict(state, args, hessians=None):
             out[name] = dict(bits=None, data=t.cpu().to(torch.float16 if t.ndim == 2 else torch.float32))
             continue
         sigmas = getattr(args, tensor_class(name) + "_clip_sigmas")
-        awq = (args.awq_group, args.awq_bits) if 0 < args.awq_group < t.size(1) else None
-        e = H is not None and gptq_quantize(t.to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas, awq)
+        e = H is not None and gptq_quantize(t.to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas)
         e = e or dict(zip(("q", "scale"), quantize_per_row(t, bits, ratios, sigmas)))
         out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
     if args.lqer_rank:
@@ -1574,9 +1544,6 @@ def dequantize_entry(e):
     if not e["bits"]:
         return e["data"].float()
     w = from_grid(e["q"], e["scale"])
-    if "awq" in e:
-        c0, n, _ = e["awq"]
-        w[:, c0:c0 + n] = from_grid(e["q"][:, c0:c0 + n], e["awq_scale"])
     return w + low_rank(e) if "lqer" in e else w
 
 
@@ -1585,7 +1552,7 @@ def prune_quantized(qstate, frac):
         return qstate
     out = dict(qstate)
     for name, e in qstate.items():
-        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:  # AWQ's finer columns look larger: pruned last
+        if e["bits"] and (k := int(frac * e["q"].numel())) > 0:
             mag = from_grid(e["q"].abs(), e["scale"])
             out[name] = dict(e, q=torch.where(mag <= mag.flatten().kthvalue(k).values, 0, e["q"]).to(torch.int8))
     return out
@@ -1648,11 +1615,11 @@ def check_grid(name, q, scale, bits, rows, cols=None):
 
 
 def parse_tensor_entry(name, entry, payload):
-    bits, awq, lqer = entry["bits"], entry.get("awq"), entry.get("lqer")
+    bits, lqer = entry["bits"], entry.get("lqer")
     if not (bits is None or is_bits(bits)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
-    keys = {"q", "scale", *(["awq_scale"] if awq else []), *(LQER_ARRAYS if lqer else [])} if bits else {"data"}
-    if set(entry["arrays"]) != keys or set(entry) - {"bits", "arrays", *(["awq", "lqer"] if bits else [])}:
+    keys = {"q", "scale", *(LQER_ARRAYS if lqer else [])} if bits else {"data"}
+    if set(entry["arrays"]) != keys or set(entry) - {"bits", "arrays", *(["lqer"] if bits else [])}:
         raise DataError(f"artifact tensor {name}: fields {sorted(entry)}, arrays {sorted(entry['arrays'])}: "
                         f"expected {sorted(keys)}")
     e = dict(bits=bits)
@@ -1666,10 +1633,6 @@ def parse_tensor_entry(name, entry, payload):
         e[key] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
     if bits:
         q = e["q"]
-        if awq:  # [first column, columns, bits] on a finer grid
-            c0, n, hi_bits = e["awq"] = int_field(name, "awq", awq, 3, lambda c, n, b: 0 <= c < c + n <= q.shape[1] and is_bits(b))
-            check_grid(f"{name} (awq)", q[:, c0:c0 + n], e["awq_scale"], hi_bits, len(q))
-            q = torch.cat((q[:, :c0], 0 * q[:, c0:c0 + n], q[:, c0 + n:]), 1)
         check_grid(name, q, e["scale"], bits, len(q))
         if lqer:  # [rank, bits]: W += (a x as) @ (b x bs)
             r, lqer_bits = e["lqer"] = int_field(name, "lqer", lqer, 2, lambda r, b: r >= 1 and is_bits(b))

@@ -11,8 +11,7 @@ plain windows of EVAL_SEQ_LEN. Block matrices narrower than the script's 65,536-
 are forced into the quantized set, so that small CPU models exercise the same code as the 8xH100 one.
 
 The issue-15 grid: at each width, today's export (gptq + clip search, zstd) and that export + SDClip per
-class (k from the records: attention 13.0, MLP 11.5 for int6, embedding 20.0 for int8), + AWQ-lite
-(AWQ_GROUP=64), + LQER (rank 4 on the top 3 tensors, int4 factors), + the pergroup codec (bytes only: the
+class (k from the records: attention 13.0, MLP 11.5 for int6, embedding 20.0 for int8), + LQER (rank 4 on the top 3 tensors, int4 factors), + the pergroup codec (bytes only: the
 weights of today's row), and all of them. SDClip "k scaled" keeps the records' int6 grid step k*std/31:
 k_b = k * (2^(b-1) - 1) / 31 at b bits; "k kept" uses the records' k at every width. A second table gives
 each row's Hessian-weighted reconstruction error per tensor class, sum tr(E H E^T) / sum tr(W H W^T) with
@@ -41,7 +40,7 @@ def sdclip(attn_bits, mlp_bits, scaled):
     return dict(attn_clip_sigmas=k(13.0, attn_bits), mlp_clip_sigmas=k(11.5, mlp_bits), embed_clip_sigmas=20.0)
 
 
-AWQ, LQER, PERGROUP = dict(awq_group=64), dict(lqer_rank=4, lqer_top_k=3, lqer_bits=4), dict(compressor="pergroup")
+LQER, PERGROUP = dict(lqer_rank=4, lqer_top_k=3, lqer_bits=4), dict(compressor="pergroup")
 INT4, INT5, INT6 = (overrides for overrides, _, _ in GRIDS.values())
 VARIANTS = {  # name: Hyperparameters attributes that differ from the defaults (zstd, clip search)
     "rtn int6 (max scaling)": dict(quant_method="rtn", quant_clip_ratios="1.0", quant_overrides=INT6),
@@ -54,8 +53,8 @@ VARIANTS = {  # name: Hyperparameters attributes that differ from the defaults (
 }
 for grid, (overrides, ab, mb) in GRIDS.items():
     rows = {"": {}, " + SDClip (k scaled)": sdclip(ab, mb, True), " + SDClip (k kept)": sdclip(ab, mb, False),
-            " + AWQ-lite 64": AWQ, " + AWQ-lite 16": dict(awq_group=16), " + LQER r4 top3 int4": LQER, " + pergroup codec": PERGROUP,
-            " + all (SDClip k scaled, AWQ, LQER, pergroup)": sdclip(ab, mb, True) | AWQ | LQER | PERGROUP}
+            " + LQER r4 top3 int4": LQER, " + pergroup codec": PERGROUP,
+            " + all (SDClip k scaled, LQER, pergroup)": sdclip(ab, mb, True) | LQER | PERGROUP}
     if (ab, mb) == (6, 6):
         rows = {n.replace(" (k scaled)", ""): s for n, s in rows.items() if "k kept" not in n}
     VARIANTS |= {f"gptq {grid}{n}": dict(quant_method="gptq", quant_overrides=overrides) | s for n, s in rows.items()}

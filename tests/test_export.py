@@ -1,4 +1,4 @@
-"""Tests of the April-records export (issue 15): SDClip per class, AWQ-lite inside GPTQ, LQER, COMPRESSOR=pergroup
+"""Tests of the April-records export (issue 15): SDClip per class, LQER, COMPRESSOR=pergroup
 and the fit_to_cap headroom line; the artifact loader's checks of the new fields. CPU, tiny."""
 import re
 import struct
@@ -19,7 +19,7 @@ from test_train_gpt import craft, final_value, randomized_model, run_script, tin
 CPU = torch.device("cpu")
 # The tiny model's matrices are under SMALL_TENSOR_NUMEL: quantize them anyway, at int5.
 EXPORT = dict(quant_overrides=r"\.(c_q|c_k|c_v|proj|fc)\.weight$:5", attn_bits=5, mlp_bits=5, embed_bits=8,
-              awq_group=8, awq_bits=8, lqer_rank=2, lqer_top_k=3, lqer_bits=4)
+              lqer_rank=2, lqer_top_k=3, lqer_bits=4)
 
 
 def export_args(**over):
@@ -36,7 +36,7 @@ def calibrated(args, seed=0):
 
 @pytest.fixture(scope="module")
 def exported():
-    """(args, model, qstate) of an export with AWQ + LQER through GPTQ."""
+    """(args, model, qstate) of an export with LQER through GPTQ."""
     args = export_args()
     model, hessians = calibrated(args)
     qstate = tg.quantize_state_dict(model.state_dict(), args, hessians)
@@ -74,12 +74,10 @@ def sections(body):
 
 # ----------------------------------------------------------------------------- round trip
 
-def test_awq_lqer_pergroup_artifact_round_trips_bit_for_bit(exported, tmp_path):
+def test_lqer_pergroup_artifact_round_trips_bit_for_bit(exported, tmp_path):
     args, model, qstate = exported
-    awq = [n for n, e in qstate.items() if "awq" in e]
     lqer = [n for n, e in qstate.items() if "lqer" in e]
-    assert len(awq) >= 4 and len(lqer) == args.lqer_top_k, (awq, lqer)  # the export exercises every new field
-    assert all(qstate[n]["awq"][1:] == [args.awq_group, args.awq_bits] for n in awq)
+    assert len(lqer) == args.lqer_top_k, lqer  # the export exercises every new field
     assert all(qstate[n]["lqer"] == [args.lqer_rank, args.lqer_bits] for n in lqer)
     data = tg.compress_artifact(tg.serialize_quantized(qstate), "pergroup", 3)
     assert data[4] == 4
@@ -94,9 +92,9 @@ def test_awq_lqer_pergroup_artifact_round_trips_bit_for_bit(exported, tmp_path):
                 assert back[name][key] == v and type(back[name][key]) is type(v), (name, key)
     before, after = tg.dequantize_state_dict(qstate), tg.dequantize_state_dict(back)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # The fields change the weights the model gets: AWQ columns on their own scale, the LQER term added.
+    # The LQER term changes the weights the model gets.
     plain = {k: e["q"].float() * e["scale"].float()[:, None] for k, e in qstate.items() if e["bits"]}
-    assert all(not torch.equal(before[k], plain[k]) for k in set(awq) | set(lqer))
+    assert all(not torch.equal(before[k], plain[k]) for k in lqer)
     path = tmp_path / "m.ptz"
     path.write_bytes(data)
     fresh = tg.GPT(args)
@@ -209,54 +207,12 @@ def test_lqer_goes_to_the_top_k_tensors_of_most_error_removed_per_byte():
             assert all(torch.equal(qstate[n][key], everything[n][key]) for key in ("lqer_a", "lqer_as", "lqer_b", "lqer_bs"))
 
 
-# ----------------------------------------------------------------------------- AWQ-lite
-
-def awq_case(seed=0, rows=48, cols=64, hot=slice(32, 48)):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g) / cols ** 0.5
-    x = torch.randn(2048, cols, generator=g)
-    x[:, hot] *= 10  # one aligned group of columns sees large activations
-    return W, x, x.T @ x / len(x)
-
-
-def test_awq_keeps_the_most_salient_group_on_a_finer_grid():
-    W, x, H = awq_case()
-    name, bits = "blocks.0.mlp.fc.weight", 3
-    assert tg.salient_group(W, H, 16) == 32
-    base = export_args(quant_overrides=rf"fc\.weight$:{bits}", lqer_rank=0, awq_group=0)
-    plain = tg.quantize_state_dict({name: W}, base, {"blocks.0.mlp.fc": H})[name]
-    base.awq_group = 16
-    e = tg.quantize_state_dict({name: W}, base, {"blocks.0.mlp.fc": H})[name]
-    assert "awq" not in plain and e["awq"] == [32, 16, 8]
-    assert e["awq_scale"].dtype == torch.float16 and e["awq_scale"].shape == (48,)
-    hot, qmax = slice(32, 48), 2 ** (bits - 1) - 1
-    outside = torch.cat([e["q"][:, :32], e["q"][:, 48:]], 1)
-    assert outside.abs().max() <= qmax  # the rest stays on the int3 grid
-    assert e["q"][:, hot].abs().max() > qmax  # the group uses its finer grid
-    err = lambda entry: (tg.dequantize_entry(entry) - W)  # noqa: E731
-    assert err(e)[:, hot].square().sum() < 0.1 * err(plain)[:, hot].square().sum()
-    out = lambda entry: (x @ err(entry).T).square().mean()  # noqa: E731  the layer's output error
-    assert out(e) < out(plain)
-    back = load_blob(tg.compress_artifact(tg.serialize_quantized({name: e}), "zstd", 3))[name]
-    assert back["awq"] == e["awq"] and torch.equal(tg.dequantize_entry(back), tg.dequantize_entry(e))
-
-
-def test_awq_saliency_weighs_activations_by_weight_magnitude():
-    W, _, H = awq_case()
-    H = torch.eye(64)  # equal activations: the group of largest |w| wins
-    W[:, 8:16] *= 5
-    assert tg.salient_group(W, H, 8) == 8
-    assert tg.salient_group(W, H, 16) == 0
-    W, _, H = awq_case(hot=slice(60, 64))  # a partial last group is never chosen
-    assert tg.salient_group(W, H, 24) in (0, 24)
-
-
 # ----------------------------------------------------------------------------- SDClip per class
 
 @pytest.mark.parametrize("attn_sigmas,mlp_sigmas", [(0.0, 2.5), (2.0, 0.0)])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_clip_sigmas_apply_per_class(attn_sigmas, mlp_sigmas, method):
-    args = export_args(attn_clip_sigmas=attn_sigmas, mlp_clip_sigmas=mlp_sigmas, awq_group=0, lqer_rank=0)
+    args = export_args(attn_clip_sigmas=attn_sigmas, mlp_clip_sigmas=mlp_sigmas, lqer_rank=0)
     model, hessians = calibrated(args)
     state = model.state_dict()
     qstate = tg.quantize_state_dict(state, args, hessians if method == "gptq" else None)
@@ -294,23 +250,8 @@ def field(key, value):
     return lambda e: e.update({key: value(e) if callable(value) else value})
 
 
-TAMPER = [  # (what, entry edited: with awq / with lqer / quantized without awq / unquantized, edit, message)
-    ("awq past the last column", "awq", field("awq", lambda e: [e["arrays"]["q"]["shape"][1] - 4, 8, 8]), "awq="),
-    ("awq negative column", "awq", field("awq", [-1, 8, 8]), "awq="),
-    ("awq no columns", "awq", field("awq", [0, 0, 8]), "awq="),
-    ("awq wrong length", "awq", field("awq", lambda e: e["awq"][:2]), "awq="),
-    ("awq too long", "awq", field("awq", lambda e: e["awq"] + [0]), "awq="),
-    ("awq bits 9", "awq", field("awq", lambda e: e["awq"][:2] + [9]), "awq="),
-    ("awq bits as bool", "awq", field("awq", lambda e: e["awq"][:2] + [True]), "awq="),
-    ("awq not a list", "awq", field("awq", "0,8,8"), "awq="),
-    ("awq bits below its values", "awq", field("awq", lambda e: e["awq"][:2] + [2]), r"\(awq\).*int2 range"),
-    ("awq_scale half its rows", "awq",
-     array_edit("awq_scale", shape=lambda a: [a["shape"][0] // 2], nbytes=lambda a: a["nbytes"] // 2),
-     r"\(awq\).*fp16 scale"),
-    ("awq_scale a column", "awq", array_edit("awq_scale", shape=lambda a: a["shape"] + [1]), r"\(awq\).*fp16 scale"),
-    ("awq_scale missing", "awq", lambda e: e["arrays"].pop("awq_scale"), "expected"),
-    ("awq field dropped", "awq", lambda e: e.pop("awq"), "expected"),
-    ("awq added without awq_scale", "no awq", field("awq", [0, 8, 8]), "expected"),
+TAMPER = [  # (what, entry edited: with lqer / quantized / unquantized, edit, message)
+    ("an awq field (AWQ-lite is gone)", "quantized", field("awq", [0, 8, 8]), "expected"),
     ("lqer rank above the factors'", "lqer", field("lqer", lambda e: [e["lqer"][0] + 1, e["lqer"][1]]), r"\(lqer a\)"),
     ("lqer rank below the factors'", "lqer", field("lqer", lambda e: [1, e["lqer"][1]]), r"\(lqer a\)"),
     ("lqer rank 0", "lqer", field("lqer", lambda e: [0, e["lqer"][1]]), "lqer="),
@@ -326,40 +267,35 @@ TAMPER = [  # (what, entry edited: with awq / with lqer / quantized without awq 
     ("lqer field dropped", "lqer", lambda e: e.pop("lqer"), "expected"),
     ("lqer array dropped", "lqer", lambda e: e["arrays"].pop("lqer_b"), "expected"),
     ("unknown extra field", "lqer", field("gain", 1.5), "gain"),
-    ("awq on an fp16 tensor", "plain", field("awq", [0, 1, 8]), "awq"),
     ("lqer on an fp16 tensor", "plain", field("lqer", [1, 4]), "lqer"),
 ]
 
 
 @pytest.mark.parametrize("what,target,edit,message", TAMPER, ids=[t[0] for t in TAMPER])
-def test_a_tampered_awq_or_lqer_field_is_refused_with_a_clear_error(exported, what, target, edit, message):
+def test_a_tampered_lqer_field_is_refused_with_a_clear_error(exported, what, target, edit, message):
     _, _, qstate = exported
     name = {"plain": next(n for n, e in qstate.items() if not e["bits"]),
-            "no awq": next(n for n, e in qstate.items() if e["bits"] and "awq" not in e)}.get(target)
+            "quantized": next(n for n, e in qstate.items() if e["bits"] and "lqer" not in e)}.get(target)
     name = name or first_with(qstate, target)
     with pytest.raises(tg.DataError, match=message) as refused:
         load_blob(craft(qstate, lambda tensors: edit(tensors[name])))
     assert f"artifact tensor {name}" in str(refused.value)  # names the tensor
 
 
-def test_bad_values_in_awq_or_lqer_arrays_are_refused(exported):
+def test_bad_values_in_lqer_arrays_are_refused(exported):
     _, _, qstate = exported
-    a, w = first_with(qstate, "lqer"), first_with(qstate, "awq")
-    lqer_qmax, (c0, n, awq_bits) = 2 ** (qstate[a]["lqer"][1] - 1) - 1, qstate[w]["awq"]
+    a, lqer_qmax = first_with(qstate, "lqer"), 2 ** (qstate[first_with(qstate, "lqer")]["lqer"][1] - 1) - 1
 
     def changed(name, key, at, value):
         t = qstate[name][key].clone()
         t[at] = value
         return with_entry(qstate, name, **{key: t})
     cases = [(changed(a, "lqer_as", 0, float("nan")), "non-finite lqer_as"),
-             (changed(w, "awq_scale", 1, float("inf")), "non-finite awq_scale"),
+             (changed(a, "scale", 1, float("inf")), "non-finite scale"),
              (changed(a, "lqer_a", (0, 0), lqer_qmax + 1), r"\(lqer a\).*int4 range"),
              (changed(a, "lqer_b", (-1, -1), -lqer_qmax - 1), r"\(lqer b\).*int4 range"),
-             # a column outside the AWQ group: on the base grid
-             (changed(w, "q", (0, (c0 + n) % qstate[w]["q"].size(1)), 2 ** (qstate[w]["bits"] - 1)),
-              f"{re.escape(w)}: a value outside the int{qstate[w]['bits']} range")]
-    if awq_bits < 8:
-        cases.append((changed(w, "q", (2, c0 + n - 1), 2 ** (awq_bits - 1)), r"\(awq\)"))
+             (changed(a, "q", (0, 1), 2 ** (qstate[a]["bits"] - 1)),
+              f"{re.escape(a)}: a value outside the int{qstate[a]['bits']} range")]
     for state, message in cases:
         with pytest.raises(tg.DataError, match=message):
             load_blob(tg.compress_artifact(tg.serialize_quantized(state), "pergroup", 3))
@@ -390,8 +326,8 @@ def test_a_one_dimensional_lqer_factor_is_refused_not_a_crash(exported):
 
 # ----------------------------------------------------------------------------- the script end to end
 
-def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path):
-    env = dict(SMOKE=1, ITERATIONS=4, FINAL_EVAL="roundtrip", LQER_RANK=2, AWQ_GROUP=16, COMPRESSOR="pergroup")
+def test_eval_only_of_an_lqer_pergroup_artifact_reproduces_the_run(tmp_path):
+    env = dict(SMOKE=1, ITERATIONS=4, FINAL_EVAL="roundtrip", LQER_RANK=2, COMPRESSOR="pergroup")
     out = run_script(tmp_path, env, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     key = "final_int6_pergroup_roundtrip_exact"
@@ -406,8 +342,6 @@ def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path)
     qstate = load_blob(data)
     assert sorted(n for n, e in qstate.items() if "lqer" in e) == sorted(lqer_logged)
     assert all(qstate[n]["lqer"] == [2, 4] for n in lqer_logged)
-    awq = [e["awq"] for e in qstate.values() if "awq" in e]
-    assert len(awq) >= 4 and all(f[1:] == [16, 8] for f in awq)
     again = run_script(tmp_path, env | dict(EVAL_ONLY="final_model.int6.ptz"), timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step:" not in again.stdout and "eval_only: final_model.int6.ptz" in again.stdout
@@ -417,7 +351,7 @@ def test_eval_only_of_an_lqer_awq_pergroup_artifact_reproduces_the_run(tmp_path)
 
 def test_late_qat_fake_quantizes_like_the_export_with_sdclip():
     """One quantizer: with MLP_CLIP_SIGMAS the QAT weights are the round-to-nearest export's, bit for bit."""
-    args = export_args(mlp_clip_sigmas=3.0, attn_clip_sigmas=0.0, awq_group=0, lqer_rank=0, quant_method="rtn")
+    args = export_args(mlp_clip_sigmas=3.0, attn_clip_sigmas=0.0, lqer_rank=0, quant_method="rtn")
     model = tg.GPT(args)
     layers = tg.prepare_qat(model, args)
     tg.refresh_qat(layers, tg.clip_ratios(args))

@@ -188,7 +188,7 @@ def test_sliding_eval_equals_plain_at_stride_seq_len_and_counts_bytes():
 
 def eval_args(**over):
     return tiny_args(**dict(eval_seq_len=32, eval_stride=8, ttt_chunk_tokens=48, ttt_epochs=1, ttt_batch_seqs=2,
-                            ttt_lora_chunk=8, ttt_lora_seq_len=32, ttt_lora_batch=3, ngram_buckets=512, ngram_chunk=16,
+                            ttt_lora_chunk=8, ttt_lora_seq_len=32, ttt_lora_batch=3, ngram_chunk=16,
                             val_batch_size=512, ttt_max_seconds=0.0) | over)
 
 
@@ -254,18 +254,47 @@ def test_ngram_contexts_stop_at_a_bos():
     args = eval_args(ngram_order=3)
     mixer = tg.NgramMixer(args, torch.device("cpu"))
     V = args.vocab_size
-    x = torch.tensor([V, 5, 7, tg.BOS_ID, 9, 11])  # one pad, then inputs 5 7 BOS 9 11
-    bigram, trigram = mixer.keys(x)[1:]
+    x = torch.tensor([5, 7, tg.BOS_ID, 9, 11])  # inputs 5 7 BOS 9 11
+    bigram, trigram = mixer.contexts(x)[1:]
     assert bigram.tolist() == [5, 7, tg.BOS_ID, 9, 11]
     ctx = [(V, 5), (5, 7), (V, tg.BOS_ID), (tg.BOS_ID, 9), (9, 11)]  # (x[t-1], x[t]); nothing before a BOS
-    expect = [torch.remainder(torch.tensor(b * (V + 1) + a) * 2654435761, args.ngram_buckets).item() for a, b in ctx]
-    assert trigram.tolist() == expect
+    assert trigram.tolist() == [a * (V + 1) + b for b, a in ctx]
 
 
-class LeakyMixer(tg.NgramMixer):
-    def step(self, keys, y, net_nats, ent, audit=None):  # counts the chunk before scoring it
-        self.count(keys, y)
-        return super().step(keys, y, net_nats, ent, audit)
+def test_ngram_experts_are_exact_prefix_counts():
+    """Each expert's probability of each target and its whole row (through probes), against counting by hand:
+    only earlier targets with the same context (stopped at a BOS), smoothed towards the order below."""
+    args = eval_args(ngram_order=3, vocab_size=12)
+    V, prior, g = 12, args.ngram_prior, torch.Generator().manual_seed(4)
+    tokens = torch.randint(2, 5, (120,), generator=g)  # few tokens: contexts repeat
+    tokens[[0, 30, 31, 77]] = tg.BOS_ID
+    x, y = tokens[:-1], tokens[1:]
+    probes = torch.randn(V, 3, generator=g)
+    probs, rows = tg.NgramMixer(args, torch.device("cpu")).experts(x, y, probes)
+
+    def context(t, k):  # the k inputs up to x[t], those before a BOS a pad
+        bos = max([i for i in range(t + 1) if x[i] == tg.BOS_ID], default=-1)
+        return tuple(int(x[t - j]) if t - j >= max(bos, 0) else V for j in range(k))
+
+    for t in range(len(y)):
+        row = torch.full((V,), 1.0 / V, dtype=torch.float64)
+        for k in range(3):
+            counts = torch.zeros(V, dtype=torch.float64)
+            for s in range(t):
+                if context(s, k) == context(t, k):
+                    counts[y[s]] += 1
+            row = (counts + prior * row) / (counts.sum() + prior)
+            assert math.isclose(probs[k, t].item(), row[y[t]].item(), rel_tol=1e-5), (t, k)
+            assert torch.allclose(rows[k, t].double(), row @ probes.double(), atol=1e-5), (t, k)
+
+
+def whole_stream_counts(real):
+    """count_before counting every occurrence, later ones too: a table filled before scoring."""
+    def leaky(key, nxt, V):
+        order, start, seen, pair = real(key, nxt, V)
+        _, pairs, n_pair = torch.unique(start * V + nxt[order], return_inverse=True, return_counts=True)
+        return order, start, torch.bincount(start, minlength=len(start))[start], n_pair[pairs]
+    return leaky
 
 
 def shared_adapter(self, k, x):  # one adapter for the whole batch: documents leak into each other
@@ -282,7 +311,7 @@ def test_audit_catches_leaks(leak, monkeypatch):
         monkeypatch.setattr(tg, "score_windows", lambda model, tokens, *a: real(model, torch.cat((tokens[1:], tokens[-1:])), *a))
         match = "moved"
     elif leak == "ngram_count_first":
-        monkeypatch.setattr(tg, "NgramMixer", LeakyMixer)
+        monkeypatch.setattr(tg, "count_before", whole_stream_counts(tg.count_before))
         match = "moved"
     elif leak == "lora_shared":
         monkeypatch.setattr(tg.DocLoRA, "delta", shared_adapter)
@@ -309,9 +338,9 @@ def swap_target_with_top(record):
 
 
 class OptimisticMixer(tg.NgramMixer):
-    def step(self, keys, y, net_nats, ent, audit=None):  # the loss of the best of the mixture and its experts
-        best = self.expert_probs(keys, y, y[:, None])[:, :, 0].max(0).values
-        return torch.minimum(super().step(keys, y, net_nats, ent, audit), -torch.log(best))
+    def step(self, p_y, ent):  # the best of the mixture and its experts
+        mix, w = super().step(p_y, ent)
+        return torch.maximum(mix, p_y[:, 1:].max(1).values), w
 
 
 class CarriedLoRA(tg.DocLoRA):
