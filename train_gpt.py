@@ -1121,10 +1121,8 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
 
 
 def eval_phased(ev, tokens, sheet, budget):
-    """Phased TTT: documents in stream order; after each of PHASED_TTT_NUM_PHASES phases of the first
-    PHASED_TTT_PREFIX_DOCS, SGD on every target scored so far (sgd_on_prefix), then per-document LoRA from the
-    adapted weights at TTT_LOCAL_LR_MULT; a document sees only earlier ones. TTT_WARM_START_A: a phase's
-    documents start A from the mean of the last phase's."""
+    """Phased TTT (README): per-document LoRA in stream order; after each phase of the first documents, SGD
+    on every target scored so far; TTT_WARM_START_A: a phase starts A from the last phase's mean."""
     args, (starts, ends) = ev.args, doc_spans(tokens)
     n_docs, total = len(starts), tokens.numel() - 1
     prefix, phases = min(args.phased_ttt_prefix_docs, n_docs), args.phased_ttt_num_phases
@@ -1143,9 +1141,8 @@ def eval_phased(ev, tokens, sheet, budget):
 
 @torch.no_grad()
 def count_before(key, nxt, V):
-    """Exact prefix counts by sorting, no tables. For a stream of contexts `key` and next tokens `nxt`, in sorted
-    order (by context, then time): the sort, where each position's context run starts, and how many earlier
-    positions had its context (`seen`) and its context and next token (`pair`)."""
+    """Exact prefix counts by sorting: for contexts `key` and next tokens `nxt`, in sorted order (context, then
+    time): the sort, each context run's start, earlier positions with this context (`seen`) and next token (`pair`)."""
     idx = torch.arange(key.numel(), device=key.device)
 
     def run_start(sorted_key):
@@ -1164,7 +1161,7 @@ def count_before(key, nxt, V):
 
 class NgramMixer:
     """Online n-gram experts of orders 0..NGRAM_ORDER-1 (contexts stop at a BOS), each smoothed towards the order
-    below, mixed with the network by weights per entropy bin (online EM). Counts exact, from count_before."""
+    below, mixed with the network by weights per entropy bin (online EM)."""
 
     def __init__(self, args, device):
         self.V, self.order, self.prior = args.vocab_size, args.ngram_order, args.ngram_prior
@@ -1183,8 +1180,8 @@ class NgramMixer:
         return keys
 
     def experts(self, x, y, probes=None):
-        """(order, n): each expert's probability of each target from the targets before it. With `probes`
-        (V, P), each expert's whole row times them (order, n, P), by prefix sums within each context."""
+        """(order, n): each expert's probability of each target from the earlier ones; with `probes` (V, P) also
+        its whole row times them (order, n, P)."""
         n, dev = len(y), y.device
         p, probs, rows = torch.full((n,), 1.0 / self.V, device=dev), [], []
         row = probes.double().mean(0).expand(n, -1) if probes is not None else None
@@ -1204,8 +1201,8 @@ class NgramMixer:
         return torch.stack(probs), torch.stack(rows) if rows else None
 
     def step(self, p_y, ent):
-        """The mixture's probability of a chunk's targets (p_y: the network's, then each expert's) and the
-        weights used; then online EM: each weight towards its expert's share of p(target)."""
+        """Mixture probability of a chunk's targets (p_y: network's, then experts') and the weights used; then
+        online EM: each weight towards its expert's share of p(target)."""
         b = torch.clamp((ent / math.log(self.V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         mix = (w * p_y).sum(1)
@@ -1215,8 +1212,8 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank. An audit gets each
-    target's whole mixed row through the probes (and a column of ones: its mass) and -log of it at the target."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank. An audit gets the
+    mixed rows through the probes and a column of ones (the mass)."""
     args, t0, audit, V = ev.args, time.perf_counter(), sheet.fp is not None, ev.args.vocab_size
     seg = ev.share(range(tokens.numel() - 1))
     u = tokens[:seg.stop + 1].to(ev.device)  # this rank's targets and those before them
@@ -1243,8 +1240,7 @@ def ngram_mix(ev, sheet, tokens):
 @torch.no_grad()
 def tilt_hints(tokens, args, device):
     """Per target t, a hinted token or -1: of its contexts of TILT_ORDERS tokens (longest first), the first seen
-    >= TILT_MIN_COUNT times before t whose most frequent next token followed it >= TILT_THRESHOLD of those times.
-    Only targets before t count (prefix-only); contexts are 64-bit hashes."""
+    >= TILT_MIN_COUNT times before t whose most frequent next token followed it >= TILT_THRESHOLD of those times."""
     u, n, V = tokens.to(device), tokens.numel() - 1, args.vocab_size
     hint = torch.full((n,), -1, dtype=torch.int64, device=device)
     for k in sorted({int(o) for o in args.tilt_orders.split(",")}, reverse=True):
