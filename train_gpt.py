@@ -191,7 +191,7 @@ env("TTT_LORA_LR", 0.01, ">= 0")
 ttt_lora_seq_len = env("TTT_LORA_SEQ_LEN", eval_seq_len, ">= 1")
 env("TTT_LORA_CHUNK", max(1, min(256, ttt_lora_seq_len // 4)), ">= 1")  # a chunk has >= 3/4 window of context
 env("TTT_LORA_BATCH", S(64, 8), ">= 1")
-env("TTT_LORA_TARGETS", "q,v,head")  # of q, k, v, o, mlp, head
+env("TTT_LORA_TARGETS", "k,o,mlp,head")  # of q, k, v, o, mlp, head
 env("TTT_SHORT_CHUNKS", "")  # "256:8,2000:24": documents of up to 256 tokens in chunks of 8, ...
 env("TTT_ASYM_SOFTCAP", False)
 env("PHASED_TTT_PREFIX_DOCS", S(2000, 8), ">= 1")
@@ -202,7 +202,7 @@ env("TILT_ORDERS", "16")
 env("TILT_MIN_COUNT", 2, ">= 1")
 env("TILT_THRESHOLD", 0.8, "> 0")
 env("TILT_BOOST", 2.625, ">= 0")
-env("NGRAM_ORDER", 4)
+env("NGRAM_ORDER", 8)
 env("NGRAM_PRIOR", 3.0, "> 0")
 env("NGRAM_ETA", 0.01, ">= 0")
 env("NGRAM_INIT_WEIGHT", 0.1)

@@ -177,9 +177,9 @@ def test_two_processes_match_one_for_phased_and_tilt(sample, tmp_path):
     env = tiny_run_env(sample, ITERATIONS=2, EMA_ENABLED=0, SEED=7, FINAL_EVAL="phased,lora+tilt", TTT_CHUNK_TOKENS=512,
                        TTT_LORA_CHUNK=16, PHASED_TTT_PREFIX_DOCS=4, TTT_WARM_START_A=1, TILT_ORDERS="3,2")
     runs = {}
-    for n in (1, 2):
+    for n in (1, 2):  # TTT_BATCH_SEQS is a rank's: the same global batch of the global SGD either way
         (tmp_path / str(n)).mkdir()
-        runs[n] = run_script(tmp_path / str(n), env, nproc=2 if n == 2 else None)
+        runs[n] = run_script(tmp_path / str(n), env | dict(TTT_BATCH_SEQS=8 // n), nproc=2 if n == 2 else None)
         assert runs[n].returncode == 0, runs[n].stderr[-3000:]
     for key in ("phased", "lora_tilt"):
         a, b = (final_value(runs[n].stdout, f"final_int6_zstd_{key}_exact") for n in (1, 2))
