@@ -3,7 +3,6 @@ import copy
 import difflib
 import functools
 import glob
-import itertools
 import json
 import math
 import os
@@ -16,7 +15,6 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------
-# HYPERPARAMETERS
+# ------------- HYPERPARAMETERS
 # Env vars (README "Configuration"); SMOKE=1: tiny, for a CPU.
-# -----------------------------
 
 KNOWN_ENV, ENV_ERRORS, RANGES = {}, [], {}  # name -> value; parse errors; name -> rule
 IN_RANGE = {">= 1": lambda v: not v < 1, ">= 0": lambda v: not v < 0, "> 0": lambda v: v > 0,
@@ -318,7 +314,7 @@ def validate_config(args, world_size, grad_accum_steps):
     elif grad_accum_steps < 1 or args.train_batch_tokens % (world_size * grad_accum_steps * args.train_seq_len):
         err.append(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be divisible by WORLD_SIZE x "
                    f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size}x{grad_accum_steps}x{args.train_seq_len}")
-    if not 0 < args.eval_stride <= args.eval_seq_len:
+    if args.eval_stride > args.eval_seq_len:  # >= 1 is checked above
         err.append(f"EVAL_STRIDE={args.eval_stride} must be in 1..EVAL_SEQ_LEN={args.eval_seq_len}")
     if int(args.mlp_mult * args.model_dim) < 1:
         err.append(f"MLP_MULT={args.mlp_mult} x MODEL_DIM={args.model_dim} leaves the MLP no hidden unit")
@@ -341,13 +337,12 @@ def validate_config(args, world_size, grad_accum_steps):
     if not modes or not all(re.fullmatch(f"({'|'.join(NETWORK_MODES)})(\\+tilt)?(\\+ngram)?", m) for m in modes):
         err.append(f"FINAL_EVAL={args.final_eval}: modes must be {', '.join(NETWORK_MODES)}, each maybe +tilt, +ngram")
     try:
-        chunks = short_chunks(args) + [(0, args.ttt_lora_chunk)]
-        orders = [int(o) for o in args.tilt_orders.split(",")]
-        if not all(0 < c <= args.ttt_lora_seq_len for _, c in chunks) or not all(0 < o <= 64 for o in orders):
+        if not all(0 < c <= args.ttt_lora_seq_len for _, c in short_chunks(args) + [(0, args.ttt_lora_chunk)]) \
+                or not all(0 < int(o) <= 64 for o in args.tilt_orders.split(",")):
             raise ValueError
     except ValueError:
         err.append("TTT_LORA_CHUNK, TTT_SHORT_CHUNKS (LEN:CHUNK,...) need chunks in 1..TTT_LORA_SEQ_LEN; TILT_ORDERS 1..64")
-    if not args.ttt_lora_targets or not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
+    if not set(args.ttt_lora_targets.split(",")) <= {*LORA_SITES, "head"}:
         err.append(f"TTT_LORA_TARGETS={args.ttt_lora_targets} must be some of {', '.join(LORA_SITES)}, head")
     if not 1 <= args.ngram_order <= 8 or not 0 < args.ngram_init_weight < 1:
         err.append("NGRAM_ORDER must be in 1..8 and NGRAM_INIT_WEIGHT in (0, 1)")
@@ -371,7 +366,7 @@ def validate_config(args, world_size, grad_accum_steps):
     try:
         lens, until = zip(*seq_len_schedule(args))
         if any(local % n or not 0 < n <= args.train_seq_len for n in lens) or list(until) != sorted(set(until)) \
-                or not 0 < until[0] or max(until[:-1], default=0) >= 1:
+                or not all(0 < u < 1 for u in until[:-1]):
             raise ValueError
     except ValueError:
         err.append(f"SEQ_LEN_SCHEDULE={args.seq_len_schedule} must be LEN:PROGRESS,... (PROGRESS rising in (0, 1), "
@@ -379,10 +374,8 @@ def validate_config(args, world_size, grad_accum_steps):
     raise_config_errors(err)
 
 
-# -----------------------------
-# MUON OPTIMIZER
+# ------------- MUON OPTIMIZER
 # Momentum, then each matrix update orthogonalized (Newton-Schulz).
-# -----------------------------
 
 # Polar Express (Amsel et al. 2025): each quintic optimal for the spectrum the last leaves.
 POLAR_EXPRESS = (
@@ -397,11 +390,11 @@ def ns_coefficients(spec):
     return POLAR_EXPRESS if spec.strip() == "polar" else tuple(float(c) for c in spec.split(","))
 
 
-def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
+def zeropower_via_newtonschulz5(G, steps, coeffs):
     """~U V^T of G = U S V^T; coeffs (a, b, c), or one per step (the last repeats)."""
     table = coeffs if isinstance(coeffs[0], tuple) else (coeffs,)
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() + eps)
+    X = X / (X.norm() + 1e-7)
     transposed = X.size(0) > X.size(1)
     if transposed:  # the smaller Gram matrix
         X = X.T
@@ -415,8 +408,8 @@ def zeropower_via_newtonschulz5(G, steps, coeffs, eps=1e-7):
 class Muon(torch.optim.Optimizer):
     """Rank r orthogonalizes params r, r + world, ...; each round's all-reduce overlaps the next."""
 
-    def __init__(self, params, row_norm=False, normuon_beta2=0.0, **group):  # lr, momentum, backend_steps, coeffs, weight_decay
-        super().__init__(params, group)
+    def __init__(self, params, row_norm=False, normuon_beta2=0.0, **group):
+        super().__init__(params, group)  # group: lr, base_lr, momentum, backend_steps, coeffs, weight_decay
         self.row_norm, self.normuon_beta2 = row_norm, normuon_beta2
 
     def orthogonalize(self, p, g, group):
@@ -432,12 +425,12 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         params = [(group, p) for group in self.param_groups for p in group["params"]]
         if not params:
             return
-        flat = torch.zeros(sum(p.numel() for _, p in params), device=params[0][1].device, dtype=torch.float32)
+        flat = torch.zeros(sum(p.numel() for _, p in params), device=params[0][1].device)
         offset, pending = 0, []
         for group in self.param_groups:
             m, round_start = group["momentum"], offset
@@ -459,10 +452,8 @@ class Muon(torch.optim.Optimizer):
             p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
-# -----------------------------
-# TOKENIZER-AGNOSTIC EVALUATION SETUP
+# ------------- TOKENIZER-AGNOSTIC EVALUATION SETUP
 # val_bpb = nats / (ln 2 x the targets' UTF-8 bytes); a leading "\u2581" is a space byte, except after BOS.
-# -----------------------------
 
 def build_sentencepiece_luts(sp, vocab_size, device):
     pieces = int(sp.vocab_size())
@@ -496,10 +487,8 @@ def target_bytes(tokens, luts):
     return base_bytes[y].double() + (has_space[y] & ~is_boundary[x]).double()
 
 
-# -----------------------------
-# DATA LOADING
+# ------------- DATA LOADING
 # Shard: 256 int32 header (magic, version, token count), uint16 tokens; little-endian.
-# -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 VAL_BYTES_MAGIC = 20240521  # CaseOps byte sidecars: never read as token shards
@@ -586,9 +575,7 @@ def load_validation_bytes(pattern):
     return torch.from_numpy(np.concatenate(counts).astype(np.int64))
 
 
-# -----------------------------
-# MODEL
-# -----------------------------
+# ------------- MODEL
 
 BOS_ID = 1
 
@@ -602,7 +589,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init, self.qat_bits = zero_init, None
+        self.zero_init = zero_init
         self.register_buffer("qat_delta", None, persistent=False)
 
     def forward(self, x):
@@ -675,14 +662,6 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
-def exclusive_self_attention(y, v):
-    """XSA: drop each head output's component along the token's own value."""
-    B, T, H, D = y.shape
-    yg = y.view(B, T, v.size(2), H // v.size(2), D)
-    vn = F.normalize(v, dim=-1).unsqueeze(3)
-    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-
-
 class Attention(nn.Module):
     def __init__(self, args, xsa):
         super().__init__()
@@ -705,8 +684,10 @@ class Attention(nn.Module):
         k = apply_rotary(rms_norm(k), cos, sin)
         # FlashAttention needs bf16/fp16: undo any fp32 promotion.
         y = causal_attention(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype))
-        if self.xsa:
-            y = exclusive_self_attention(y, v)
+        if self.xsa:  # XSA: drop each head output's component along the token's own value
+            yg = y.view(B, T, v.size(2), -1, self.head_dim)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view_as(y)
         if self.gate is not None:
             y = y * 2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, -1))
@@ -798,7 +779,7 @@ class GPT(nn.Module):
         self.ve_layers, kv_dim = ve_layer_indices(args), args.num_kv_heads * (dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
         self.num_encoder = L // 2 if args.unet_skips else 0  # U-Net: first half feeds the second
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), dim))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, dim))  # L // 2 <= L - L // 2
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         self.head_input = nn.Identity()  # for GPTQ of tied embeddings
         self.register_parameter("asym_softcap", None)  # TTT_ASYM_SOFTCAP's (positive, negative) caps
@@ -842,15 +823,12 @@ class GPT(nn.Module):
 
     def forward(self, ids, targets=None):
         logits = self.logits(ids)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        return logits if targets is None else F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-# -----------------------------
-# EVALUATION
+# ------------- EVALUATION
 # The FINAL_EVAL modes, each filling a ScoreSheet, and the causality audit (README).
-# -----------------------------
 
 NETWORK_MODES = ("roundtrip", "sliding_window", "lora", "phased")
 AUDIT_PROBES = 4  # projections of an audited distribution
@@ -878,20 +856,20 @@ class Evaluation:
         return items[n * self.rank // self.world_size:n * (self.rank + 1) // self.world_size]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.cache
 def audit_probes(vocab, device):
     return torch.randn(vocab, AUDIT_PROBES, generator=torch.Generator().manual_seed(vocab)).to(device)
 
 
 class ScoreSheet:
-    """Per target: loss, entropy, hits; for an audit the distribution's fingerprint, its loss, the normalization.
-    `used` marks targets an update has trained on: scoring one after that is score-adapt-rescore."""
+    """Per target: loss, entropy, hits; audited, also the distribution's fingerprint, loss and normalization.
+    `used`: targets an update trained on (scoring one after is score-adapt-rescore)."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
         self.hits = torch.zeros(total, dtype=torch.int32, device=device)
-        self.fp = torch.zeros(total, AUDIT_PROBES, device=device) if audit else None
-        self.row_nats = torch.zeros(total, device=device) if audit else None
+        self.fp, self.row_nats = (
+            (torch.zeros(total, AUDIT_PROBES, device=device), torch.zeros(total, device=device)) if audit else (None, None))
         self.norm_err, self.late = torch.zeros((), device=device), torch.zeros((), device=device)
         self.used = torch.zeros(total, dtype=torch.bool, device=device)
         self.net_nats, self.hint = self.nats, None  # `nats` before a mixture; the tilt's hinted tokens
@@ -919,7 +897,6 @@ class ScoreSheet:
                 if t is not None:
                     dist.all_reduce(t)
             dist.all_reduce(self.norm_err, op=dist.ReduceOp.MAX)
-        return self
 
     def check_once(self):
         bad = (self.hits != 1).nonzero()
@@ -939,7 +916,7 @@ class ScoreSheet:
 
 
 def autocast_ctx(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def window_plan(total, seq_len, stride):
@@ -982,15 +959,10 @@ class Budget:
         rest = self.score_s / max(frac_scored, 1e-9) * (1 - frac_scored)
         return self.seconds <= 0 or time.perf_counter() - self.t0 + 1.2 * rest + self.step_s < self.seconds
 
-    def report(self, ev, mode):
-        if self.skipped:
-            ev.log(f"{mode}:budget TTT_MAX_SECONDS={self.seconds:.0f} reached on rank {ev.rank}: {self.skipped} "
-                   "adaptation steps skipped")
-
 
 def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
-    """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (all scored: now marked used), chunk
-    by chunk at TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step, gradients summed."""
+    """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (scored: now marked used), chunk by
+    chunk at TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step."""
     t, args, model, world_size = time.perf_counter(), ev.args, ev.base_model, ev.world_size
     ok = torch.tensor(float(not budget.skipped and budget.adapt_ok(frac_scored)), device=ev.device)
     if world_size > 1:
@@ -1009,7 +981,7 @@ def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
         seq_starts = np.unique(np.append(np.arange(c * C, hi - n_tok + 1, n_tok), hi - n_tok))
         for g in opt.param_groups:
             g["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
-        for _, i in itertools.product(range(args.ttt_epochs), range(0, len(seq_starts), B)):
+        for i in list(range(0, len(seq_starts), B)) * args.ttt_epochs:
             s = torch.from_numpy(seq_starts[i:i + B][ev.rank::world_size])
             opt.zero_grad(set_to_none=False)
             if len(s):
@@ -1082,7 +1054,7 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
         batch = mine[b:b + args.ttt_lora_batch]
         s0, n = torch.from_numpy(starts[batch]), torch.from_numpy(lens[batch])
         C = torch.full_like(n, args.ttt_lora_chunk)
-        for most, c in reversed(short_chunks(args)):  # TTT_SHORT_CHUNKS: short documents in smaller chunks
+        for most, c in reversed(short_chunks(args)):  # short documents: smaller chunks
             C = torch.where(n <= most, c, C)
         lora = DocLoRA(model, len(batch), args, device, warm_a)
         opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr * lr_scale, betas=(0.9, 0.95))
@@ -1100,13 +1072,13 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
             learn = bool(train.any() and budget.adapt_ok(done))
             with autocast_ctx(device), torch.set_grad_enabled(learn):
                 logits = model.logits(x, head_delta=lora.head)
-            sheet.record(pos[scored], logits[scored].detach(), y[scored])
+            sheet.record(pos[scored], logits[scored], y[scored])
             budget.score_s += time.perf_counter() - t
             scored_tokens += int(scored.sum())
             if learn:
                 t, w = time.perf_counter(), scored & train[:, None]
                 sheet.used[pos[w]] = True
-                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+                nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
                 loss = ((nll * w).sum(1) / w.sum(1).clamp_min(1)).sum()
                 opt.zero_grad()
                 loss.backward()
@@ -1154,9 +1126,14 @@ def count_before(key, nxt, V):
     start = run_start(key[order])
     pair_key = start * V + nxt[order]
     pair = torch.argsort(pair_key, stable=True)  # by context and next token, in time
-    count = torch.empty_like(idx)
-    count[pair] = idx - run_start(pair_key[pair])
-    return order, start, idx - start, count
+    return order, start, idx - start, unsort(pair, idx - run_start(pair_key[pair]))
+
+
+def unsort(order, values):
+    """Scatter `values` back to the positions `order` took them from."""
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
 
 
 class NgramMixer:
@@ -1167,7 +1144,7 @@ class NgramMixer:
         self.V, self.order, self.prior = args.vocab_size, args.ngram_order, args.ngram_prior
         self.eta, self.bins = args.ngram_eta, args.ngram_entropy_bins
         w0 = torch.tensor([1.0 - args.ngram_init_weight] + [args.ngram_init_weight / self.order] * self.order)
-        self.w = w0.to(device).expand(self.bins, -1).clone()  # (bins, 1 + order), network first
+        self.w = w0.to(device).repeat(self.bins, 1)  # (bins, 1 + order), network first
 
     def contexts(self, x):
         """Each order's context at each input x[t]: the last k inputs, those before a BOS a pad (V)."""
@@ -1176,27 +1153,24 @@ class NgramMixer:
         keys, code = [torch.zeros_like(x)], torch.zeros_like(x)
         for j in range(self.order - 1):  # context token x[t - j]
             code = code * (V + 1) + torch.where(idx - j >= last_bos, F.pad(x, (j, 0), value=V)[:len(x)], V)
-            keys.append(code)  # exact up to 6 tokens of a 1024 vocabulary, then a 64-bit hash (it wraps)
+            keys.append(code)  # exact to 6 tokens of 1024, then a 64-bit hash (it wraps)
         return keys
 
     def experts(self, x, y, probes=None):
         """(order, n): each expert's probability of each target from the earlier ones; with `probes` (V, P) also
         its whole row times them (order, n, P)."""
-        n, dev = len(y), y.device
-        p, probs, rows = torch.full((n,), 1.0 / self.V, device=dev), [], []
+        n = len(y)
+        p, probs, rows = torch.full((n,), 1.0 / self.V, device=y.device), [], []
         row = probes.double().mean(0).expand(n, -1) if probes is not None else None
         for key in self.contexts(x):
             order, start, seen, pair = count_before(key, y, self.V)
-            cnt, tot = torch.empty(n, device=dev), torch.empty(n, device=dev)
-            cnt[order], tot[order] = pair.float(), seen.float()
-            p = (cnt + self.prior * p) / (tot + self.prior)
+            tot = unsort(order, seen.float())
+            p = (unsort(order, pair.float()) + self.prior * p) / (tot + self.prior)
             probs.append(p)
             if probes is not None:
                 P = probes.double()[y[order]]
                 before = torch.cumsum(P, 0) - P
-                within = torch.empty_like(P)
-                within[order] = before - before[start]
-                row = (within + self.prior * row) / (tot.double() + self.prior)[:, None]
+                row = (unsort(order, before - before[start]) + self.prior * row) / (tot.double() + self.prior)[:, None]
                 rows.append(row.float())
         return torch.stack(probs), torch.stack(rows) if rows else None
 
@@ -1247,8 +1221,8 @@ def tilt_hints(tokens, args, device):
         m = n - k + 1  # targets k-1..n-1 have k tokens of context
         if m < 2:
             continue
-        key = torch.zeros(m, dtype=torch.int64, device=device)
-        for i in range(k):
+        key = u[:m]
+        for i in range(1, k):
             key = key * 1000003 + u[i:i + m]  # wraps: a hash
         order, start, seen, pair = count_before(key, u[k:k + m], V)
         best, d = (pair + 1) * V + u[k:k + m][order], 1
@@ -1257,9 +1231,7 @@ def tilt_hints(tokens, args, device):
             d *= 2
         prev = torch.roll(best, 1)  # the context's best before this target
         fire = (seen >= args.tilt_min_count) & (prev // V >= args.tilt_threshold * seen)
-        hk = torch.empty_like(seen)
-        hk[order] = torch.where(fire, prev % V, -1)
-        hint[k - 1:] = torch.where(hint[k - 1:] >= 0, hint[k - 1:], hk)
+        hint[k - 1:] = torch.where(hint[k - 1:] >= 0, hint[k - 1:], unsort(order, torch.where(fire, prev % V, -1)))
     return hint
 
 
@@ -1269,7 +1241,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
     sheet, budget = ScoreSheet(tokens.numel() - 1, ev.device, audit), Budget(args.ttt_max_seconds)
     if "tilt" in mix:
         sheet.hint, sheet.boost = tilt_hints(tokens, args, ev.device), args.tilt_boost
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if net == "phased" else None
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()} if net == "phased" else None
     if args.ttt_asym_softcap and net == "phased":  # adapted by its SGD, from symmetric
         model.asym_softcap = nn.Parameter(torch.full((2,), args.logit_softcap, device=ev.device))
     if net in ("roundtrip", "sliding_window"):
@@ -1283,7 +1255,9 @@ def run_eval_mode(ev, mode, tokens, audit=False):
     if snapshot is not None:  # only phased's global SGD changes the weights
         model.load_state_dict(snapshot)
     model.requires_grad_(True)  # TTT froze some weights, LoRA all
-    budget.report(ev, net)
+    if budget.skipped:
+        ev.log(f"{net}:budget TTT_MAX_SECONDS={budget.seconds:.0f} reached on rank {ev.rank}: {budget.skipped} "
+               "adaptation steps skipped")
     sheet.reduce()
     if "ngram" in mix:
         ngram_mix(ev, sheet, tokens)
@@ -1320,7 +1294,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
             vars(args).update(saved)
 
     t0, net, seconds = time.perf_counter(), mode.partition("+")[0], []
-    g, isolated = torch.Generator().manual_seed(args.seed), net == "lora"  # nothing may cross a document start
+    g = torch.Generator().manual_seed(args.seed)
     min_tokens = max(4 * args.eval_seq_len, 5 * args.ttt_chunk_tokens // 2 if net == "phased" else 0)
     many = net in ("lora", "phased")  # documents for several batches (phases)
     tokens = random_documents(min_tokens, 2 * args.ttt_lora_batch * world_size + 1 if many else 0, args, g)
@@ -1349,7 +1323,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
         (mismatch <= tol, f"a loss differs by {mismatch:.2e} nats from -log of the checked distribution at its target"),
         (norm <= 1e-3, f"a scored distribution sums to exp({norm:.2e}) != 1")) if not ok]
     isolation = "n/a"
-    if isolated:
+    if net == "lora":  # nothing may cross a document start
         doc_of = torch.cumsum(tokens == BOS_ID, 0) - 1  # tokens[0] is a BOS
         redrawn = torch.rand(docs, generator=g) < 0.5
         changed = redrawn[doc_of] & (tokens != BOS_ID)
@@ -1368,16 +1342,13 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
     return min(seconds)
 
 
-# -----------------------------
-# QUANTIZATION AND THE ARTIFACT
+# ------------- QUANTIZATION AND THE ARTIFACT
 # Per-row intN (RTN or GPTQ); late QAT uses the export's quantizer.
-# -----------------------------
 
 ARTIFACT_MAGIC, BLOB_MAGIC = b"PGA3", b"PGQ2"
 SMALL_TENSOR_NUMEL = 65_536
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "lm_head.weight")
 DTYPES = {k: getattr(torch, k) for k in ("int8", "float16", "float32")}
-LQER_ARRAYS = ("lqer_a", "lqer_as", "lqer_b", "lqer_bs")
 
 
 def quant_overrides(args):
@@ -1478,7 +1449,7 @@ def collect_hessians(model, batches, args, device, world_size):
         hessians[name], counts[name] = torch.zeros(width, width, device=device), 0
 
         def hook(mod, inp, out, name=name):
-            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+            x = inp[0].reshape(-1, inp[0].size(-1)).float()
             hessians[name].addmm_(x.T, x)
             counts[name] += x.size(0)
         hooks.append(m.register_forward_hook(hook))
@@ -1504,7 +1475,7 @@ def quantize_state_dict(state, args, hessians=None):
         sigmas = getattr(args, tensor_class(name) + "_clip_sigmas")
         e = H is not None and gptq_quantize(t.to(H.device), H, bits, ratios, args.gptq_block_size, args.gptq_damp, sigmas)
         e = e or dict(zip(("q", "scale"), quantize_per_row(t, bits, ratios, sigmas)))
-        out[name] = dict(bits=bits) | {k: v.cpu() if isinstance(v, Tensor) else v for k, v in e.items()}
+        out[name] = dict(bits=bits) | {k: v.cpu() for k, v in e.items()}
     if args.lqer_rank:
         add_lqer(out, state, args, hessians)
     return out
@@ -1529,7 +1500,7 @@ def add_lqer(qstate, state, args, hessians):
         gains.append(((err(E) - err(E - low_rank(fix))) / nbytes, name, fix))
     for gain, name, fix in sorted(gains, key=lambda g: g[0])[-args.lqer_top_k:]:
         if gain > 0:
-            qstate[name] = qstate[name] | fix
+            qstate[name] |= fix
 
 
 def low_rank(e):
@@ -1596,12 +1567,6 @@ def is_bits(b):
     return type(b) is int and 2 <= b <= 8
 
 
-def int_field(name, key, value, n, ok):
-    if not (type(value) is list and len(value) == n and all(type(v) is int for v in value) and ok(*value)):
-        raise DataError(f"artifact tensor {name}: {key}={value!r} is out of range")
-    return value
-
-
 def check_grid(name, q, scale, bits, rows, cols=None):
     if q.dtype != torch.int8 or q.ndim != 2 or len(q) != rows or cols not in (None, q.shape[1]) \
             or scale.dtype != torch.float16 or scale.shape != (rows,):
@@ -1614,7 +1579,7 @@ def parse_tensor_entry(name, entry, payload):
     bits, lqer = entry["bits"], entry.get("lqer")
     if not (bits is None or is_bits(bits)):
         raise DataError(f"artifact tensor {name}: bits={bits!r} is not 2..8 or null")
-    keys = {"q", "scale", *(LQER_ARRAYS if lqer else [])} if bits else {"data"}
+    keys = {"q", "scale", *(("lqer_a", "lqer_as", "lqer_b", "lqer_bs") if lqer else ())} if bits else {"data"}
     if set(entry["arrays"]) != keys or set(entry) - {"bits", "arrays", *(["lqer"] if bits else [])}:
         raise DataError(f"artifact tensor {name}: fields {sorted(entry)}, arrays {sorted(entry['arrays'])}: "
                         f"expected {sorted(keys)}")
@@ -1631,7 +1596,9 @@ def parse_tensor_entry(name, entry, payload):
         q = e["q"]
         check_grid(name, q, e["scale"], bits, len(q))
         if lqer:  # [rank, bits]: W += (a x as) @ (b x bs)
-            r, lqer_bits = e["lqer"] = int_field(name, "lqer", lqer, 2, lambda r, b: r >= 1 and is_bits(b))
+            if not (type(lqer) is list and len(lqer) == 2 and type(lqer[0]) is int and lqer[0] >= 1 and is_bits(lqer[1])):
+                raise DataError(f"artifact tensor {name}: lqer={lqer!r} is out of range")
+            r, lqer_bits = e["lqer"] = lqer
             check_grid(f"{name} (lqer a)", e["lqer_a"], e["lqer_as"], lqer_bits, len(q), r)
             check_grid(f"{name} (lqer b)", e["lqer_b"], e["lqer_bs"], lqer_bits, r, q.shape[1])
     elif not e["data"].is_floating_point():
@@ -1669,10 +1636,10 @@ def section_cuts(blob):
 
 def compress_sections(blob, level):
     """COMPRESSOR=pergroup: each section by its best codec (0: stored) as [id, u32 size, bytes]."""
-    codecs = [(0, lambda b, lvl: b)] + [(cid, c) for cid, c, _ in whole_blob_codecs().values()]
+    codecs = [(0, lambda b, lvl: b, None), *whole_blob_codecs().values()]
     cuts, out = section_cuts(blob), []
     for a, b in zip(cuts, cuts[1:]):
-        cid, z = min(((cid, c(blob[a:b], level)) for cid, c in codecs), key=lambda x: len(x[1]))
+        cid, z = min(((cid, c(blob[a:b], level)) for cid, c, _ in codecs), key=lambda x: len(x[1]))
         out.append(struct.pack("<BI", cid, len(z)) + z)
     return b"".join(out)
 
@@ -1728,9 +1695,6 @@ class ArtifactOverCap(Exception):
     pass
 
 
-FIT_SEARCH_STEPS = 7  # bisection to 1/128 of the range
-
-
 def build_artifact(qstate, args, code_bytes, log):
     """(artifact, state) at PRUNE_FRAC, or at the least pruning that fits."""
     def make(frac):
@@ -1745,7 +1709,7 @@ def build_artifact(qstate, args, code_bytes, log):
     log(f"fit_to_cap: {total} bytes > ARTIFACT_CAP={cap} at prune_frac {lo}: searching the least pruning")
     if (best := make(hi))[2] > cap:
         raise ArtifactOverCap(f"pruning {hi:.0%} of the quantized weights leaves {best[2]} bytes")
-    for _ in range(FIT_SEARCH_STEPS):
+    for _ in range(7):  # bisection to 1/128 of the range
         if (trial := make(mid := (lo + hi) / 2))[2] <= cap:
             hi, best = mid, trial
         else:
@@ -1754,14 +1718,11 @@ def build_artifact(qstate, args, code_bytes, log):
     return best[:2]
 
 
-# -----------------------------
-# TRAINING
-# -----------------------------
+# ------------- TRAINING
 
 def build_optimizers(model, args, fused):
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve) if m is not None]
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith(("resid_mix", "attn.gate"))
-                and not n.startswith((*EMBED_NAMES, "lm_head", "skip_weights"))]
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
     head = [] if model.lm_head is None else [model.lm_head.weight]
     taken = {id(p) for p in embeds + matrices + head}
     scalars = [p for p in model.parameters() if id(p) not in taken]
@@ -1769,11 +1730,9 @@ def build_optimizers(model, args, fused):
         [dict(params=params, lr=lr, base_lr=lr)], betas=(args.beta1, args.beta2), eps=args.adam_eps,
         weight_decay=args.adam_wd, fused=fused)
     optimizers = [adam(embeds, args.tied_embed_lr if args.tie_embeddings else args.embed_lr), adam(scalars, args.scalar_lr)]
-    muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
-                coeffs=ns_coefficients(args.muon_ns_coeffs), weight_decay=args.muon_wd, row_norm=args.muon_row_norm,
-                normuon_beta2=args.normuon_beta2 if args.normuon else 0.0)
-    for g in muon.param_groups:
-        g["base_lr"] = args.matrix_lr
+    muon = Muon(matrices, lr=args.matrix_lr, base_lr=args.matrix_lr, momentum=args.muon_momentum,
+                backend_steps=args.muon_backend_steps, coeffs=ns_coefficients(args.muon_ns_coeffs), weight_decay=args.muon_wd,
+                row_norm=args.muon_row_norm, normuon_beta2=args.normuon_beta2 if args.normuon else 0.0)
     return optimizers + ([adam(head, args.head_lr)] if head else []) + [muon], muon
 
 
@@ -1801,7 +1760,7 @@ def optimizer_step(base_model, optimizers, muon, args, step, scale):
         torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
     for opt in optimizers:
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
 
 
 def lr_scale(args, step, elapsed_ms, cap_ms):
@@ -1857,7 +1816,7 @@ class WeightAverager:
         self.ema = self.fp32_state() if args.ema_enabled else None
 
     def fp32_state(self):
-        return {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.float().clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, step, scale, decay):
@@ -1904,7 +1863,7 @@ class HostCopy:
     """A tensor copied to the host behind queued work: read a step later, never waits."""
 
     def __init__(self, t):
-        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+        self.host = t.to("cpu", non_blocking=True)  # from CUDA: into pinned memory
         self.event = torch.cuda.Event() if t.is_cuda else None
         if self.event:
             self.event.record()
@@ -1918,17 +1877,15 @@ class HostCopy:
 class Trainer:
     """Per-rank checkpoints resume exactly; SIGTERM/SIGINT stop all ranks at one step."""
 
-    def __init__(self, ev, model, qat_layers, grad_accum_steps):
+    def __init__(self, ev, model, qat_layers, loader, grad_accum_steps, local_tokens):
         args, self.base_model, self.model, self.qat_layers = ev.args, ev.base_model, model, qat_layers
         self.args, self.device, self.rank, self.world_size, self.log = args, ev.device, ev.rank, ev.world_size, ev.log
-        self.grad_accum_steps, self.local_tokens = grad_accum_steps, args.train_batch_tokens // (ev.world_size * grad_accum_steps)
+        self.loader, self.grad_accum_steps, self.local_tokens = loader, grad_accum_steps, local_tokens
         self.optimizers, self.muon = build_optimizers(ev.base_model, args, fused=ev.device.type == "cuda")
-        self.loader = DistributedTokenLoader(args.train_files, args.vocab_size, ev.rank, ev.world_size, ev.device)
         self.averager = WeightAverager(ev.base_model, args)
         self.step, self.train_ms, self.qat_on, self.signal = 0, 0.0, False, None
         reserve_s = args.gptq_reserve_seconds if args.quant_method == "gptq" else 0.0
         self.cap_ms = 1000 * (args.max_wallclock_seconds - reserve_s) if args.max_wallclock_seconds > 0 else None
-        self.checkpoint_dir = Path("checkpoints") / args.run_id
 
     def sync(self):
         if self.device.type == "cuda":
@@ -1944,33 +1901,32 @@ class Trainer:
         """Compile and prime every path, then restore weights, optimizers, data."""
         if self.args.warmup_steps <= 0:
             return
-        init = copy.deepcopy(dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers]))
+        init = copy.deepcopy(dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
+                                  data=(0, 0)))
         variants = graph_variants(self.args)
         for ws in range(self.args.warmup_steps):
             self.base_model.loop_passes, seq_len = variants[ws % len(variants)]
             self.train_step(0, 1.0, seq_len)
             self.log(f"warmup_step:{ws + 1}/{self.args.warmup_steps}")
-        self.restore(init, data=(0, 0))
+        self.restore(init)
 
-    def restore(self, st, data):
+    def restore(self, st):
         self.base_model.load_state_dict(st["model"])
         for opt, o in zip(self.optimizers, st["optimizers"]):
             opt.load_state_dict(o)
-        self.loader.seek(*data)
-
-    def state(self):
-        a, loader = self.averager, self.loader
-        return dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
-                    averager=(a.ema, a.swa, a.swa_count), data=(loader.file_idx, loader.pos), step=self.step,
-                    train_ms=self.train_ms, qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
+        self.loader.seek(*st["data"])
 
     def save(self, why):
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state(), self.checkpoint_dir / f"rank{self.rank}.pt")
+        a, loader = self.averager, self.loader
+        folder = Path("checkpoints") / self.args.run_id
+        state = dict(model=self.base_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
+                     averager=(a.ema, a.swa, a.swa_count), data=(loader.file_idx, loader.pos), step=self.step,
+                     train_ms=self.train_ms, qat_on=self.qat_on, world_size=self.world_size, config=config_dict(self.args))
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(state, folder / f"rank{self.rank}.pt")
         if self.rank == 0:
-            torch.save(self.averager.final()[1], "final_model.pt")
-        self.log(f"checkpoint: {why} at step {self.step}: saved {self.checkpoint_dir} and final_model.pt; "
-                 f"RESUME={self.checkpoint_dir} continues")
+            torch.save(a.final()[1], "final_model.pt")
+        self.log(f"checkpoint: {why} at step {self.step}: saved {folder} and final_model.pt; RESUME={folder} continues")
 
     def resume(self, path):
         file = Path(path) / f"rank{self.rank}.pt"
@@ -1982,7 +1938,7 @@ class Trainer:
         changed = sorted(k for k, v in config_dict(self.args).items() if st["config"].get(k) != v and k not in ("run_id", "resume"))
         if changed:
             self.log(f"WARNING: settings changed since the checkpoint: {', '.join(changed)}")
-        self.restore(st, st["data"])
+        self.restore(st)
         self.averager.ema, self.averager.swa, self.averager.swa_count = st["averager"]
         self.step, self.train_ms, self.qat_on = st["step"], st["train_ms"], st["qat_on"]
         if self.qat_on:
@@ -1997,8 +1953,7 @@ class Trainer:
     def run(self, evaluate):
         args, log = self.args, self.log
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        stop_after_step, seq_len = None, args.train_seq_len
-        pending = None  # the flags' HostCopy, read a step late: no GPU stall
+        stop_after_step, seq_len, pending = None, args.train_seq_len, None  # pending: the last step's flags
         self.sync()
         t0 = time.perf_counter()
         ms = lambda: self.train_ms + 1000 * (time.perf_counter() - t0)  # reads t0 at each call
@@ -2032,7 +1987,7 @@ class Trainer:
                 self.step = step = step + 1
                 approx_ms = ms()
                 if pending is not None:  # ready during this step
-                    stop_after_step = self.act_on(step - 1, pending.get(), step, stop_after_step)
+                    stop_after_step = self.act_on(step - 1, pending.get(), stop_after_step)
                 # torch.full launches a fill; torch.tensor(x, device=cuda) syncs.
                 flags = torch.stack([loss.float()] + [torch.full((), float(f), device=self.device) for f in (
                     self.cap_ms is not None and approx_ms >= self.cap_ms, self.signal is not None)])
@@ -2044,7 +1999,7 @@ class Trainer:
                     log(f"step:{step}/{args.iterations} train_loss:{flags[0].item() / self.world_size:.4f} "
                         f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms{remaining}")
             if pending is not None:
-                self.act_on(self.step, pending.get(), self.step, stop_after_step)
+                self.act_on(self.step, pending.get(), stop_after_step)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -2055,7 +2010,7 @@ class Trainer:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    def act_on(self, done_step, flags, step, stop_after_step):
+    def act_on(self, done_step, flags, stop_after_step):
         """[loss sum, ranks at the cap, ranks signalled] -> step to stop after."""
         loss, capped, signalled = flags
         if not math.isfinite(loss):
@@ -2064,19 +2019,11 @@ class Trainer:
             raise SystemExit(4)
         if signalled and self.signal is None:
             self.signal = signal.SIGTERM  # another rank was signalled
-        return step if (capped or signalled) and stop_after_step is None else stop_after_step
+        return self.step if (capped or signalled) and stop_after_step is None else stop_after_step
 
 
 def config_dict(args):
     return {k.lower(): getattr(args, k.lower()) for k in KNOWN_ENV}
-
-
-def require_packages(args):
-    for name in ("sentencepiece", "zstandard") + (("brotli",) if args.compressor == "brotli" else ()):
-        try:
-            __import__(name)
-        except ImportError:
-            raise SystemExit(f"error: the python package `{name}` is required: pip install -r requirements.txt")
 
 
 def load_tokenizer_tables(args, device, log):
@@ -2103,45 +2050,18 @@ def load_tokenizer_tables(args, device, log):
     return build_sentencepiece_luts(sp, args.vocab_size, device)
 
 
-def export_and_score(ev, calib_batches, evaluate, code, label, pre_quant_bpb):
-    args, log, t = ev.args, ev.log, time.perf_counter()
-    gptq = args.quant_method == "gptq"
-    hessians = collect_hessians(ev.base_model, calib_batches, args, ev.device, ev.world_size) if gptq else None
-    qstate = quantize_state_dict(ev.base_model.state_dict(), args, hessians)
-    quant_s = time.perf_counter() - t
-    over = gptq and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
-    log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
-        + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else "")
-        + "".join(f" lqer:{n}" for n, e in qstate.items() if "lqer" in e))
-    code_bytes, artifact, name = len(code.encode("utf-8")), f"final_model.{label.split('_')[0]}.ptz", label.replace("_", "+")
-    try:
-        data, final_state = build_artifact(qstate, args, code_bytes, log)
-    except ArtifactOverCap as exc:
-        log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}: lower ATTN_BITS/MLP_BITS/"
-            "EMBED_BITS and re-quantize with QUANT_ONLY=final_model.pt")
-        raise SystemExit(3)
-    if ev.rank == 0:
-        Path(artifact).write_bytes(data)
-    log(f"Serialized model {name}: {len(data)} bytes")
-    log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size {name}: {len(data) + code_bytes} bytes")
-    if final_state is not qstate:  # pruned: measure what it cost
-        ev.base_model.load_state_dict(dequantize_state_dict(qstate))
-        log(f"fit_to_cap: round-trip val_bpb before pruning {evaluate('roundtrip')[1]:.4f}")
-    if dist.is_initialized():
-        dist.barrier()
-    load_artifact(artifact, ev.base_model)
-    final_evaluation(ev, label, evaluate, pre_quant_bpb)
-
-
 def main():
     code, args = Path(__file__).read_text(encoding="utf-8"), Hyperparameters()
-    require_packages(args)
+    for name in ("sentencepiece", "zstandard") + (("brotli",) if args.compressor == "brotli" else ()):
+        try:
+            __import__(name)
+        except ImportError:
+            raise SystemExit(f"error: the python package `{name}` is required: pip install -r requirements.txt")
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank, warnings = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings()
-    if rank == 0:
+    local_rank, warnings, master = int(os.environ.get("LOCAL_RANK", 0)), misspelt_env_warnings(), rank == 0
+    if master:
         for w in warnings:
             print(w, file=sys.stderr)
     grad_accum_steps = args.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
@@ -2153,7 +2073,6 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
-    master = rank == 0
     log = LOG.open(f"logs/{args.run_id}.txt" if master else None)
 
     if SMOKE and "DATA_PATH" not in os.environ:
@@ -2170,7 +2089,7 @@ def main():
     log("=" * 100, console=False)
     log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} device:{device.type}", console=False)
     if cuda:
-        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
+        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout, console=False)
         log(f"gpus:{world_size}x {torch.cuda.get_device_name(device)}")
     log("config " + json.dumps(config_dict(args), sort_keys=True))
     for w in warnings:
@@ -2179,9 +2098,8 @@ def main():
     luts = load_tokenizer_tables(args, device, log)  # data checks before any compute
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    if not args.eval_only:  # every training shard checked now
-        train_files = shard_files(args.train_files, "training")
-        log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
+    if not args.eval_only:
+        log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(shard_files(args.train_files, 'training'))}")
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
 
     random.seed(args.seed)
@@ -2211,20 +2129,21 @@ def main():
         sheet = run_eval_mode(ev, mode, val_tokens if tokens is None else tokens, audit)
         return sheet if tokens is not None else sheet.result(val_tokens, luts)
 
-    label = f"int{max(args.attn_bits, args.mlp_bits)}_{args.compressor}"  # names the final log lines
+    label, val_bpb = f"int{max(args.attn_bits, args.mlp_bits)}_{args.compressor}", None  # names the final log lines
+    local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
     if args.eval_only:
         load_artifact(args.eval_only, base_model)
         log(f"eval_only: {args.eval_only}")
-        final_evaluation(ev, label, evaluate, None)
     else:
+        loader = DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
         if args.quant_only:
             try:
                 base_model.load_state_dict(torch.load(args.quant_only, map_location=device, weights_only=True))
             except Exception as exc:
                 raise DataError(f"QUANT_ONLY={args.quant_only}: not a checkpoint of this config: {exc}") from None
-            source, loader = f"checkpoint {args.quant_only}", DistributedTokenLoader(args.train_files, args.vocab_size, rank, world_size, device)
+            source = f"checkpoint {args.quant_only}"
         else:
-            trainer = Trainer(ev, model, qat_layers, grad_accum_steps)
+            trainer = Trainer(ev, model, qat_layers, loader, grad_accum_steps, local_tokens)
             trainer.warmup()
             if args.resume:
                 trainer.resume(args.resume)
@@ -2235,7 +2154,6 @@ def main():
                 raise
             source, averaged = trainer.averager.final()
             base_model.load_state_dict(averaged)
-            loader = trainer.loader
         for m in qat_layers:  # evaluated as exported: no QAT delta
             m.qat_delta.zero_()
         t = time.perf_counter()
@@ -2245,9 +2163,36 @@ def main():
         if master and not args.quant_only:
             torch.save(base_model.state_dict(), "final_model.pt")
             log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
-        local_tokens = args.train_batch_tokens // (world_size * grad_accum_steps)
+        # Export: quantize, fit ARTIFACT_CAP, reload the artifact.
         calib = (loader.next_batch(local_tokens, args.train_seq_len)[0] for _ in range(args.gptq_calib_batches))
-        export_and_score(ev, calib, evaluate, code, label, val_bpb)
+        t = time.perf_counter()
+        gptq = args.quant_method == "gptq"
+        hessians = collect_hessians(base_model, calib, args, device, world_size) if gptq else None
+        qstate = quantize_state_dict(base_model.state_dict(), args, hessians)
+        quant_s = time.perf_counter() - t
+        over = gptq and args.max_wallclock_seconds > 0 and quant_s > args.gptq_reserve_seconds
+        log(f"quantize:{args.quant_method} time:{quant_s:.1f}s reserve:{args.gptq_reserve_seconds:.0f}s"
+            + (" WARNING: over the reserve: raise GPTQ_RESERVE_SECONDS" if over else "")
+            + "".join(f" lqer:{n}" for n, e in qstate.items() if "lqer" in e))
+        code_bytes, artifact, name = len(code.encode()), f"final_model.{label.split('_')[0]}.ptz", label.replace("_", "+")
+        try:
+            data, final_state = build_artifact(qstate, args, code_bytes, log)
+        except ArtifactOverCap as exc:
+            log(f"error: artifact over the cap: {exc} > ARTIFACT_CAP={args.artifact_cap}: lower ATTN_BITS/MLP_BITS/"
+                "EMBED_BITS and re-quantize with QUANT_ONLY=final_model.pt")
+            raise SystemExit(3)
+        if master:
+            Path(artifact).write_bytes(data)
+        log(f"Serialized model {name}: {len(data)} bytes")
+        log(f"Code size: {code_bytes} bytes")
+        log(f"Total submission size {name}: {len(data) + code_bytes} bytes")
+        if final_state is not qstate:  # pruned: measure what it cost
+            base_model.load_state_dict(dequantize_state_dict(qstate))
+            log(f"fit_to_cap: round-trip val_bpb before pruning {evaluate('roundtrip')[1]:.4f}")
+        if distributed:
+            dist.barrier()
+        load_artifact(artifact, base_model)
+    final_evaluation(ev, label, evaluate, val_bpb)
     if distributed:  # together: an early gloo teardown aborts slow ranks
         dist.barrier()
         dist.destroy_process_group()
