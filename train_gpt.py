@@ -1058,7 +1058,7 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
             C = torch.where(n <= most, c, C)
         lora = DocLoRA(model, len(batch), args, device, warm_a)
         opt = torch.optim.Adam(lora.parameters(), lr=args.ttt_lora_lr * lr_scale, betas=(0.9, 0.95))
-        hooks = lora.attach()
+        hooks, last_a = lora.attach(), [a.detach().clone() for a in lora.A]  # A at each document's last update
         for i in range(int((-(-n // C)).max())):
             t = time.perf_counter()
             q0, qe = i * C, torch.minimum(n, (i + 1) * C)  # doc-relative targets [q0, qe)
@@ -1082,13 +1082,15 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
                 loss = ((nll * w).sum(1) / w.sum(1).clamp_min(1)).sum()
                 opt.zero_grad()
                 loss.backward()
-                opt.step()
+                opt.step()  # Adam's momentum moves finished documents' A too: not theirs
+                for kept, a in zip(last_a, lora.A):
+                    kept[train] = a.detach()[train]
                 budget.step_s = time.perf_counter() - t
             else:
                 budget.skipped += int(train.sum())
         for h in hooks:
             h.remove()
-        a_sum = [s + a.detach().sum(0, keepdim=True) for s, a in zip(a_sum, lora.A)]
+        a_sum = [s + a.sum(0, keepdim=True) for s, a in zip(a_sum, last_a)]
     return a_sum
 
 
