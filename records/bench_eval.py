@@ -3,7 +3,7 @@ of FINAL_EVAL, alone and with the online n-gram mixture (the mixture reuses the 
 each network mode runs once), and the evaluation time each would take on the full validation set.
 
     [the run's shape env + evaluation env] python3 records/bench_eval.py final_model.pt \\
-        [--modes roundtrip,sliding_window,lora,phased+tilt] [--val-tokens N] [--audit] \\
+        [--modes roundtrip,sliding_window,lora,phased+tilt] [--val-tokens N] [--audit] [--scores DIR] \\
         [--project-tokens 62021632] [--project-gpus 8]
 
 The checkpoint is a final_model.pt or a final_model.*.ptz artifact. Every model and evaluation
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--val-tokens", type=int, default=0, help="score only the first N targets (0: all)")
     ap.add_argument("--no-ngram", action="store_true", help="skip the +ngram column")
     ap.add_argument("--audit", action="store_true", help="audit every mode (alone and +ngram) first")
+    ap.add_argument("--scores", metavar="DIR", help="keep each mode's network scores in DIR/CHECKPOINT.MODE.TARGETS.pt, reused "
+                    "when there (for the mixture's settings on a slow mode's scores; the time column is then 0)")
     ap.add_argument("--project-tokens", type=int, default=62_021_632, help="targets the time is projected to")
     ap.add_argument("--project-gpus", type=int, default=8, help="ranks the projected targets are split over")
     opts = ap.parse_args()
@@ -81,8 +83,16 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     timed = []  # (mode as audited, row name, measured seconds)
     for mode in modes:
-        t = clock()
-        sheet = tg.run_eval_mode(ev, mode, val)
+        t, saved = clock(), Path(opts.scores or ".", f"{Path(opts.checkpoint).stem}.{mode}.{n}.pt")
+        if opts.scores and saved.is_file():
+            sheet = tg.ScoreSheet(n, device)
+            sheet.nats, sheet.ent, sheet.hits = (v.to(device) for v in torch.load(saved).values())
+            sheet.net_nats = sheet.nats
+            print(f"{mode}: network scores from {saved}", file=sys.stderr)
+        else:
+            sheet = tg.run_eval_mode(ev, mode, val)
+            if opts.scores:
+                torch.save(dict(nats=sheet.nats, ent=sheet.ent, hits=sheet.hits), saved)
         net_s = clock() - t
         _, bpb = sheet.result(val, luts)
         timed.append((mode, mode, net_s))
