@@ -92,6 +92,7 @@ def main() -> None:
         else:
             sheet = tg.run_eval_mode(ev, mode, val)
             if opts.scores:
+                saved.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(dict(nats=sheet.nats, ent=sheet.ent, hits=sheet.hits), saved)
         net_s = clock() - t
         _, bpb = sheet.result(val, luts)

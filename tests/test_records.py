@@ -514,3 +514,30 @@ def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
     assert float(m[1]) == pytest.approx(total, abs=0.05 * (2 * len(rows) + 1))
     assert float(m[3]) == pytest.approx(abs(600 - float(m[1])), abs=0.1)
     assert m[2] == ("under" if float(m[1]) <= 600 else "OVER")
+
+
+def test_bench_eval_reuses_kept_network_scores(tmp_path):
+    """--scores: the first run keeps each mode's network scores, the second reads them (no scoring) and gives
+    the same val_bpb, alone and mixed; another target count is another file."""
+    sample = build_sample(tmp_path / "sample", vocab_size=512, train_tokens=30_000, val_docs=4)
+    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
+    env.update(SMOKE="1", DATA_PATH=str(sample[0]), TOKENIZER_PATH=str(sample[1]), OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "m.pt"
+    subprocess.run([sys.executable, "-c", "import sys, torch, train_gpt as tg; "
+                    "torch.save(tg.GPT(tg.Hyperparameters()).state_dict(), sys.argv[1])", str(ckpt)],
+                   cwd=ROOT, env=env, check=True, timeout=120)
+
+    def bench(n):
+        out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_eval.py"), str(ckpt), "--val-tokens", str(n),
+                              "--modes", "sliding_window", "--scores", str(tmp_path / "scores")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        row = next(line for line in out.stdout.splitlines() if line.startswith("| sliding_window |"))
+        return [c.strip() for c in row.strip("|").split("|")], "network scores from" in out.stderr
+
+    (first, reused), (again, reused_again) = bench(1024), bench(1024)
+    assert not reused and reused_again
+    assert first[1] == again[1] and first[3] == again[3]  # val_bpb alone and +ngram
+    assert again[2] == "0.0 s"
+    assert not bench(512)[1]  # another target count: scored afresh
+    assert len(list((tmp_path / "scores").glob("m.sliding_window.*.pt"))) == 2
