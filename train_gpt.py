@@ -862,8 +862,8 @@ def audit_probes(vocab, device):
 
 
 class ScoreSheet:
-    """Per target: loss, entropy, hits; audited, also the distribution's fingerprint, loss and normalization.
-    `used`: targets an update trained on (scoring one after is score-adapt-rescore)."""
+    """Per target: loss, entropy, hits; audited, the distribution's fingerprint, loss, normalization. `used`:
+    targets an update trained on (scoring one after: score-adapt-rescore)."""
 
     def __init__(self, total, device, audit=False):
         self.nats, self.ent = torch.zeros(total, device=device), torch.zeros(total, device=device)
@@ -961,8 +961,8 @@ class Budget:
 
 
 def sgd_on_prefix(ev, tokens, end, sheet, budget, frac_scored):
-    """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (scored: now marked used), chunk by
-    chunk at TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step."""
+    """Phased TTT's global phase: TTT_EPOCHS of SGD on the targets before `end` (now marked used), chunk by chunk,
+    TTT_LR cosine-decayed over the chunks, TTT_BATCH_SEQS a rank a step."""
     t, args, model, world_size = time.perf_counter(), ev.args, ev.base_model, ev.world_size
     ok = torch.tensor(float(not budget.skipped and budget.adapt_ok(frac_scored)), device=ev.device)
     if world_size > 1:
@@ -1013,7 +1013,7 @@ LORA_SITES = dict(q=lambda b: b.attn.c_q, k=lambda b: b.attn.c_k, v=lambda b: b.
 
 class DocLoRA(nn.Module):
     """Per-document rank-r adapters on TTT_LORA_TARGETS (`mlp`: beside the MLP); B starts at 0, A the same for all
-    (seeded, or phased's warm start): scores independent of batching."""
+    (seeded, or warm): scores independent of batching."""
 
     def __init__(self, model, n_docs, args, device, warm_a=None):
         super().__init__()
@@ -1040,8 +1040,8 @@ def short_chunks(args):
 
 
 def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, frac=(0.0, 1.0)):
-    """Per-document score-first LoRA TTT of `docs` (all) dealt to the ranks longest first, eager (hooks change the
-    graph). `frac`: share of all targets scored before and after. Returns the sum of the documents' last A."""
+    """Per-document score-first LoRA TTT of `docs` (all), longest first over the ranks, eager (hooks change the
+    graph). `frac`: share of all targets scored before and after. Returns the sum of the final A."""
     args, model, device = ev.args, ev.base_model, ev.device
     starts, ends = doc_spans(tokens)
     docs = np.arange(len(starts)) if docs is None else docs
@@ -1095,8 +1095,8 @@ def eval_lora(ev, tokens, sheet, budget, docs=None, lr_scale=1.0, warm_a=None, f
 
 
 def eval_phased(ev, tokens, sheet, budget):
-    """Phased TTT (README): per-document LoRA in stream order; after each phase of the first documents, SGD
-    on every target scored so far; TTT_WARM_START_A: a phase starts A from the last phase's mean."""
+    """Phased TTT (README): per-document LoRA in stream order; after each phase of the first documents, SGD on
+    all targets scored so far."""
     args, (starts, ends) = ev.args, doc_spans(tokens)
     n_docs, total = len(starts), tokens.numel() - 1
     prefix, phases = min(args.phased_ttt_prefix_docs, n_docs), args.phased_ttt_num_phases
@@ -1115,13 +1115,12 @@ def eval_phased(ev, tokens, sheet, budget):
 
 @torch.no_grad()
 def count_before(key, nxt, V):
-    """Exact prefix counts by sorting: for contexts `key` and next tokens `nxt`, in sorted order (context, then
-    time): the sort, each context run's start, earlier positions with this context (`seen`) and next token (`pair`)."""
+    """Exact prefix counts by sorting (context, then time): the sort, each context run's start, and per position
+    the earlier ones with its context `key` (`seen`) and also its next token `nxt` (`pair`)."""
     idx = torch.arange(key.numel(), device=key.device)
 
     def run_start(sorted_key):
-        new = torch.ones_like(idx, dtype=torch.bool)
-        new[1:] = sorted_key[1:] != sorted_key[:-1]
+        new = F.pad(sorted_key[1:] != sorted_key[:-1], (1, 0), value=True)
         return torch.cummax(torch.where(new, idx, 0), 0).values
 
     order = torch.argsort(key, stable=True)
@@ -1152,33 +1151,37 @@ class NgramMixer:
         """Each order's context at each input x[t]: the last k inputs, those before a BOS a pad (V)."""
         V, idx = self.V, torch.arange(len(x), device=x.device)
         last_bos = torch.cummax(torch.where(x == BOS_ID, idx, -1), 0).values
-        keys, code = [torch.zeros_like(x)], torch.zeros_like(x)
+        yield (code := torch.zeros_like(x))
         for j in range(self.order - 1):  # context token x[t - j]
             code = code * (V + 1) + torch.where(idx - j >= last_bos, F.pad(x, (j, 0), value=V)[:len(x)], V)
-            keys.append(code)  # exact to 6 tokens of 1024, then a 64-bit hash (it wraps)
-        return keys
+            yield code  # past 6 tokens of 1024 it wraps: a 64-bit hash
 
     def experts(self, x, y, probes=None):
-        """(order, n): each expert's probability of each target from the earlier ones; with `probes` (V, P) also
-        its whole row times them (order, n, P)."""
-        n = len(y)
-        p, probs, rows = torch.full((n,), 1.0 / self.V, device=y.device), [], []
-        row = probes.double().mean(0).expand(n, -1) if probes is not None else None
+        """(order, n): each expert's probability of each target from the earlier ones; for an audit also its rows
+        times `probes` (order, n, P), and the probabilities with a sample's counts redone by brute force."""
+        n, dev = len(y), y.device
+        p = check = torch.full((n,), 1.0 / self.V, device=dev)
+        probs, rows, checks = [], [], []
+        if probes is not None:
+            row = probes.double().mean(0).expand(n, -1)
+            S = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:64].to(dev)
         for key in self.contexts(x):
             order, start, seen, pair = count_before(key, y, self.V)
-            tot = unsort(order, seen.float())
-            p = (unsort(order, pair.float()) + self.prior * p) / (tot + self.prior)
+            cnt, tot = unsort(order, pair.float()), unsort(order, seen.float())
+            p = (cnt + self.prior * p) / (tot + self.prior)
             probs.append(p)
             if probes is not None:
                 P = probes.double()[y[order]]
                 before = torch.cumsum(P, 0) - P
                 row = (unsort(order, before - before[start]) + self.prior * row) / (tot.double() + self.prior)[:, None]
                 rows.append(row.float())
-        return torch.stack(probs), torch.stack(rows) if rows else None
+                same = (key == key[S, None]) & (torch.arange(n, device=dev) < S[:, None])
+                cnt[S], tot[S] = (same & (y == y[S, None])).sum(1).float(), same.sum(1).float()
+                checks.append(check := (cnt + self.prior * check) / (tot + self.prior))
+        return torch.stack(probs), (torch.stack(rows), torch.stack(checks)) if rows else (None, None)
 
     def step(self, p_y, ent):
-        """Mixture probability of a chunk's targets (p_y: network's, then experts') and the weights used; then
-        online EM: each weight towards its expert's share of p(target)."""
+        """Mixture probability of a chunk's targets (p_y: network's, experts') and the weights; then online EM."""
         b = torch.clamp((ent / math.log(self.V) * self.bins).long(), 0, self.bins - 1)
         w = self.w[b]  # (T, 1 + order)
         mix = (w * p_y).sum(1)
@@ -1188,14 +1191,13 @@ class NgramMixer:
 
 
 def ngram_mix(ev, sheet, tokens):
-    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank. An audit gets the
-    mixed rows through the probes and a column of ones (the mass)."""
+    """The mixture's losses replace the sheet's (kept as `net_nats`); weights afresh per rank."""
     args, t0, audit, V = ev.args, time.perf_counter(), sheet.fp is not None, ev.args.vocab_size
     seg = ev.share(range(tokens.numel() - 1))
     u = tokens[:seg.stop + 1].to(ev.device)  # this rank's targets and those before them
     mixer = NgramMixer(args, ev.device)
     probes = torch.cat((audit_probes(V, ev.device), torch.ones(V, 1, device=ev.device)), 1) if audit else None
-    pk, rows = mixer.experts(u[:-1], u[1:], probes)
+    pk, (rows, checked) = mixer.experts(u[:-1], u[1:], probes)
     net_fp, net_row_nats = sheet.fp, sheet.row_nats
     sheet.nats = torch.zeros_like(sheet.nats)  # each rank fills its share: reduce() sums
     if audit:
@@ -1205,10 +1207,10 @@ def ngram_mix(ev, sheet, tokens):
         mix, w = mixer.step(torch.cat((torch.exp(-sheet.net_nats[c])[:, None], pk[:, c].T), 1), sheet.ent[c])
         sheet.nats[c] = -torch.log(mix)
         if audit:
-            mixed = torch.einsum("to,otk->tk", w[:, 1:], rows[:, c])  # (T, probes + mass)
+            mixed = torch.einsum("to,otk->tk", w[:, 1:], rows[:, c])  # (T, probes, then the mass)
             sheet.fp[c] = w[:, :1] * net_fp[c] + mixed[:, :-1]
             sheet.norm_err = torch.maximum(sheet.norm_err, (w[:, 0] + mixed[:, -1] - 1).abs().max())
-            sheet.row_nats[c] = -torch.log(w[:, 0] * torch.exp(-net_row_nats[c]) + (w[:, 1:] * pk[:, c].T).sum(1))
+            sheet.row_nats[c] = -torch.log(w[:, 0] * torch.exp(-net_row_nats[c]) + (w[:, 1:] * checked[:, c].T).sum(1))
     sheet.reduce(("nats", "fp", "row_nats"))
     ev.log(f"ngram_mix order:{args.ngram_order} time:{time.perf_counter() - t0:.1f}s", console=False)
 
@@ -1256,7 +1258,7 @@ def run_eval_mode(ev, mode, tokens, audit=False):
         model.asym_softcap = None
     if snapshot is not None:  # only phased's global SGD changes the weights
         model.load_state_dict(snapshot)
-    model.requires_grad_(True)  # TTT froze some weights, LoRA all
+    model.requires_grad_(True)  # TTT froze them
     if budget.skipped:
         ev.log(f"{net}:budget TTT_MAX_SECONDS={budget.seconds:.0f} reached on rank {ev.rank}: {budget.skipped} "
                "adaptation steps skipped")
@@ -1311,7 +1313,7 @@ def audit_eval_mode(mode, run, args, log, world_size=1):
     if many:  # the redraw changes the batches: rebatching noise sets the tolerance
         rebatched = scored(tokens, ttt_lora_batch=args.ttt_lora_batch // 2 or 2)
         batch_noise = max(gap(a.nats, rebatched.nats), gap(a.fp, rebatched.fp))
-    # Neither the losses before t nor the distribution scored at t may move.
+    # No loss before t, nor the distribution scored at t, may move.
     leak = max(gap(a.nats[:t], b.nats[:t]), gap(a.fp[:t + 1], b.fp[:t + 1]))
     mismatch = max(gap(s.nats, s.row_nats) for s in sheets)
     norm = max(s.norm_err.item() for s in sheets)
@@ -2201,7 +2203,7 @@ def main():
 
 
 def final_evaluation(ev, label, evaluate, pre_quant_bpb):
-    """Every FINAL_EVAL mode, audited first, and the time each will take at the audit's speed; the final lines."""
+    """Every FINAL_EVAL mode, audited first, and its time at the audit's speed; the final lines."""
     args, log, t0, modes = ev.args, ev.log, time.perf_counter(), final_modes(ev.args)
     plan = {mode: audit_eval_mode(mode, lambda toks: evaluate(mode, toks, audit=True), args, log, ev.world_size)
             * ev.val_targets / ev.world_size for mode in modes}

@@ -255,7 +255,7 @@ def test_ngram_contexts_stop_at_a_bos():
     mixer = tg.NgramMixer(args, torch.device("cpu"))
     V = args.vocab_size
     x = torch.tensor([5, 7, tg.BOS_ID, 9, 11])  # inputs 5 7 BOS 9 11
-    bigram, trigram = mixer.contexts(x)[1:]
+    bigram, trigram = list(mixer.contexts(x))[1:]
     assert bigram.tolist() == [5, 7, tg.BOS_ID, 9, 11]
     ctx = [(V, 5), (5, 7), (V, tg.BOS_ID), (tg.BOS_ID, 9), (9, 11)]  # (x[t-1], x[t]); nothing before a BOS
     assert trigram.tolist() == [a * (V + 1) + b for b, a in ctx]
@@ -270,7 +270,8 @@ def test_ngram_experts_are_exact_prefix_counts():
     tokens[[0, 30, 31, 77]] = tg.BOS_ID
     x, y = tokens[:-1], tokens[1:]
     probes = torch.randn(V, 3, generator=g)
-    probs, rows = tg.NgramMixer(args, torch.device("cpu")).experts(x, y, probes)
+    probs, (rows, checked) = tg.NgramMixer(args, torch.device("cpu")).experts(x, y, probes)
+    assert torch.allclose(checked, probs)  # the audit's brute-force recount agrees
 
     def context(t, k):  # the k inputs up to x[t], those before a BOS a pad
         bos = max([i for i in range(t + 1) if x[i] == tg.BOS_ID], default=-1)
@@ -301,11 +302,19 @@ def shared_adapter(self, k, x):  # one adapter for the whole batch: documents le
     return (x @ self.A[k][:1].to(x.dtype)) @ self.B[k][:1].to(x.dtype)
 
 
-@pytest.mark.parametrize("leak", ["peek", "ngram_count_first", "lora_shared", "double"])
+def counts_itself(real):
+    """count_before counting each target's own (context, token) pair too: the expert peeks at its target."""
+    def leaky(key, nxt, V):
+        order, start, seen, pair = real(key, nxt, V)
+        return order, start, seen, pair + 1
+    return leaky
+
+
+@pytest.mark.parametrize("leak", ["peek", "ngram_count_first", "ngram_counts_itself", "lora_shared", "double"])
 def test_audit_catches_leaks(leak, monkeypatch):
     args = eval_args()
     mode = {"peek": "sliding_window", "ngram_count_first": "sliding_window+ngram", "lora_shared": "lora",
-            "double": "roundtrip"}[leak]
+            "double": "roundtrip", "ngram_counts_itself": "sliding_window+ngram"}[leak]
     if leak == "peek":  # the scored distribution at t also sees its own target
         real = tg.score_windows
         monkeypatch.setattr(tg, "score_windows", lambda model, tokens, *a: real(model, torch.cat((tokens[1:], tokens[-1:])), *a))
@@ -313,6 +322,9 @@ def test_audit_catches_leaks(leak, monkeypatch):
     elif leak == "ngram_count_first":
         monkeypatch.setattr(tg, "count_before", whole_stream_counts(tg.count_before))
         match = "moved"
+    elif leak == "ngram_counts_itself":  # only the brute-force recount of the audit sees it (a review found it)
+        monkeypatch.setattr(tg, "count_before", counts_itself(tg.count_before))
+        match = "from -log of the checked distribution"
     elif leak == "lora_shared":
         monkeypatch.setattr(tg.DocLoRA, "delta", shared_adapter)
         match = "moved"
