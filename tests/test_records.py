@@ -480,8 +480,8 @@ def test_bench_step_runs_and_reports(tmp_path):
     assert "ms/step" in out.stdout and "MFU" in out.stdout
 
 
-def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
-    """Each row: projected = s/target x N / G (as printed, within rounding); the total sums rows and audits."""
+def smoke_checkpoint(tmp_path):
+    """(env, path) of a fresh SMOKE-shaped checkpoint on a sample built in tmp_path, for bench_eval.py."""
     sample = build_sample(tmp_path / "sample", vocab_size=512, train_tokens=30_000, val_docs=4)
     env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
     env.update(SMOKE="1", DATA_PATH=str(sample[0]), TOKENIZER_PATH=str(sample[1]), OMP_NUM_THREADS="1")
@@ -489,6 +489,12 @@ def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
     subprocess.run([sys.executable, "-c", "import sys, torch, train_gpt as tg; "
                     "torch.save(tg.GPT(tg.Hyperparameters()).state_dict(), sys.argv[1])", str(ckpt)],
                    cwd=ROOT, env=env, check=True, timeout=120)
+    return env, ckpt
+
+
+def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
+    """Each row: projected = s/target x N / G (as printed, within rounding); the total sums rows and audits."""
+    env, ckpt = smoke_checkpoint(tmp_path)
     out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_eval.py"), str(ckpt), "--val-tokens", "2048",
                           "--modes", "roundtrip,sliding_window", "--project-tokens", "1000000", "--project-gpus", "4", "--audit"],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -519,13 +525,7 @@ def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
 def test_bench_eval_reuses_kept_network_scores(tmp_path):
     """--scores: the first run keeps each mode's network scores, the second reads them (no scoring) and gives
     the same val_bpb, alone and mixed; another target count is another file."""
-    sample = build_sample(tmp_path / "sample", vocab_size=512, train_tokens=30_000, val_docs=4)
-    env = {k: v for k, v in os.environ.items() if k not in tg.KNOWN_ENV}
-    env.update(SMOKE="1", DATA_PATH=str(sample[0]), TOKENIZER_PATH=str(sample[1]), OMP_NUM_THREADS="1")
-    ckpt = tmp_path / "m.pt"
-    subprocess.run([sys.executable, "-c", "import sys, torch, train_gpt as tg; "
-                    "torch.save(tg.GPT(tg.Hyperparameters()).state_dict(), sys.argv[1])", str(ckpt)],
-                   cwd=ROOT, env=env, check=True, timeout=120)
+    env, ckpt = smoke_checkpoint(tmp_path)
 
     def bench(n):
         out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_eval.py"), str(ckpt), "--val-tokens", str(n),
