@@ -18,6 +18,8 @@ of G runs batches of VAL_BATCH_SIZE / G tokens: set VAL_BATCH_SIZE to that here 
 and score enough targets to fill many batches (the last one is padded: a warning says when it counts).
 """
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -36,8 +38,9 @@ def main() -> None:
     ap.add_argument("--val-tokens", type=int, default=0, help="score only the first N targets (0: all)")
     ap.add_argument("--no-ngram", action="store_true", help="skip the +ngram column")
     ap.add_argument("--audit", action="store_true", help="audit every mode (alone and +ngram) first")
-    ap.add_argument("--scores", metavar="DIR", help="keep each mode's network scores in DIR/CHECKPOINT.MODE.TARGETS.pt, reused "
-                    "when there (for the mixture's settings on a slow mode's scores; the time column is then 0)")
+    ap.add_argument("--scores", metavar="DIR", help="keep each mode's network scores in DIR/CHECKPOINT.MODE.TARGETS.KEY.pt "
+                    "(KEY: the checkpoint's bytes and every setting but NGRAM_*, FINAL_EVAL, RUN_ID), reused when there "
+                    "(for the mixture's settings on a slow mode's scores; the time column is then 0)")
     ap.add_argument("--project-tokens", type=int, default=62_021_632, help="targets the time is projected to")
     ap.add_argument("--project-gpus", type=int, default=8, help="ranks the projected targets are split over")
     opts = ap.parse_args()
@@ -78,12 +81,15 @@ def main() -> None:
             tg.audit_eval_mode(mode, lambda toks: tg.run_eval_mode(ev, mode, toks, audit=True), args, log)
             audit_s[mode] = clock() - t
     n = val.numel() - 1
+    key = hashlib.sha256(Path(opts.checkpoint).read_bytes())  # what the network scores depend on
+    settings = {k: v for k, v in tg.config_dict(args).items() if not k.startswith(("ngram_", "final_eval", "run_id"))}
+    key.update(json.dumps(settings, sort_keys=True, default=str).encode())
     print(f"checkpoint {opts.checkpoint}, {n:,} targets, device {device.type}")
     print("| mode | val_bpb | time | +ngram val_bpb | +ngram time (mixture only) |")
     print("|---|---:|---:|---:|---:|")
     timed = []  # (mode as audited, row name, measured seconds)
     for mode in modes:
-        t, saved = clock(), Path(opts.scores or ".", f"{Path(opts.checkpoint).stem}.{mode}.{n}.pt")
+        t, saved = clock(), Path(opts.scores or ".", f"{Path(opts.checkpoint).stem}.{mode}.{n}.{key.hexdigest()[:12]}.pt")
         if opts.scores and saved.is_file():
             sheet = tg.ScoreSheet(n, device)
             sheet.nats, sheet.ent, sheet.hits = (v.to(device) for v in torch.load(saved).values())

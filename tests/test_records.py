@@ -524,13 +524,13 @@ def test_bench_eval_projects_each_mode_to_the_validation_set(tmp_path):
 
 def test_bench_eval_reuses_kept_network_scores(tmp_path):
     """--scores: the first run keeps each mode's network scores, the second reads them (no scoring) and gives
-    the same val_bpb, alone and mixed; another target count is another file."""
+    the same val_bpb, alone and mixed; another target count or network setting is another file, a mixture setting not."""
     env, ckpt = smoke_checkpoint(tmp_path)
 
-    def bench(n):
+    def bench(n, **settings):
         out = subprocess.run([sys.executable, str(ROOT / "records" / "bench_eval.py"), str(ckpt), "--val-tokens", str(n),
                               "--modes", "sliding_window", "--scores", str(tmp_path / "scores")],
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env=env | settings, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         row = next(line for line in out.stdout.splitlines() if line.startswith("| sliding_window |"))
         return [c.strip() for c in row.strip("|").split("|")], "network scores from" in out.stderr
@@ -540,4 +540,5 @@ def test_bench_eval_reuses_kept_network_scores(tmp_path):
     assert first[1] == again[1] and first[3] == again[3]  # val_bpb alone and +ngram
     assert again[2] == "0.0 s"
     assert not bench(512)[1]  # another target count: scored afresh
-    assert len(list((tmp_path / "scores").glob("m.sliding_window.*.pt"))) == 2
+    assert bench(1024, NGRAM_ORDER="3")[1] and not bench(1024, EVAL_STRIDE="16")[1]
+    assert len(list((tmp_path / "scores").glob("m.sliding_window.*.pt"))) == 3
